@@ -1,0 +1,206 @@
+"""The crossings between the two columns, as autograd Functions.
+
+One Function per communication pattern (the Megatron-LM ``mappings.py`` style);
+each docstring names its forward/backward pair. All of them move tensors with
+``torch.distributed.batch_isend_irecv`` between the two processes of a pair, so
+the same code runs on NCCL (GPUs) and gloo (CPUs).
+
+Why the backward of the main crossing is a reduce-scatter: after a gather, each
+column computes *different* outputs (its own half of conv3, fc6, ...) from the
+*same* full input, so each column's gradient for the full input is only part of
+the truth. The true gradient of a column's activations is its own share plus the
+share the peer computed for them.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+class PeerError(RuntimeError):
+    """The other column did not answer in time, or its process is gone."""
+
+
+class CommStats:
+    """Bytes and seconds per crossing and direction, summed until `reset`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.bytes = defaultdict(lambda: {"sent": 0, "recv": 0})
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+
+    def record(self, key: str, sent: int, recv: int, seconds: float) -> None:
+        self.bytes[key]["sent"] += sent
+        self.bytes[key]["recv"] += recv
+        self.seconds[key] += seconds
+        self.calls[key] += 1
+
+    def total_sent(self) -> int:
+        return sum(v["sent"] for v in self.bytes.values())
+
+    def as_dict(self) -> dict:
+        return {k: dict(v, seconds=self.seconds[k], calls=self.calls[k]) for k, v in self.bytes.items()}
+
+
+class PeerLink:
+    """This process's connection to the other column of its model-parallel pair.
+
+    `column` is 0 or 1 (column 0's channels and classes come first in the
+    single-device layout); `peer_rank` is the peer's global rank. The timeout is
+    mutable: long while the pair starts up, short once steps are flowing.
+    """
+
+    def __init__(self, column: int, peer_rank: int, group=None, timeout_s: float = 120.0):
+        self.column = column
+        self.peer_rank = peer_rank
+        self.group = group
+        self.timeout_s = timeout_s
+        self.stats = CommStats()
+        self.observer = None  # the profiler's hook: observer(key, seconds, sent, recv)
+
+    def in_column_order(self, own: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
+        return torch.cat([own, peer] if self.column == 0 else [peer, own], dim=1)
+
+    def split(self, full: torch.Tensor, own_width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split a column-ordered tensor (dim 1) into (own slice, peer slice)."""
+        peer_width = full.shape[1] - own_width
+        if self.column == 0:
+            return full[:, :own_width], full[:, own_width:]
+        return full[:, peer_width:], full[:, :peer_width]
+
+    def exchange(self, send: torch.Tensor | None, recv_shape, like: torch.Tensor,
+                 crossing: str, phase: str) -> torch.Tensor | None:
+        """Send `send` to the peer and/or receive a tensor of `recv_shape`, then wait."""
+        ops, recv = [], None
+        if send is not None:
+            send = send.contiguous()  # the wire format is dense; views would send garbage
+            ops.append(dist.P2POp(dist.isend, send, self.peer_rank, self.group))
+        if recv_shape is not None:
+            recv = torch.empty(recv_shape, dtype=like.dtype, device=like.device)
+            ops.append(dist.P2POp(dist.irecv, recv, self.peer_rank, self.group))
+        start = time.perf_counter()
+        try:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as e:
+            raise PeerError(
+                f"rank {dist.get_rank()} (column {self.column}): the {crossing} {phase} exchange with the "
+                f"peer, rank {self.peer_rank} (column {1 - self.column}), failed or passed its "
+                f"{self.timeout_s:.0f} s timeout ({str(e).splitlines()[0]}). The peer process has "
+                f"probably died or hung: read its log; raise dist.timeout_s if it is only slow."
+            ) from e
+        seconds = time.perf_counter() - start
+        sent = send.numel() * send.element_size() if send is not None else 0
+        got = recv.numel() * recv.element_size() if recv is not None else 0
+        key = f"{crossing}.{phase}"
+        self.stats.record(key, sent, got, seconds)
+        if self.observer is not None:
+            self.observer(key, seconds, sent, got)
+        return recv
+
+
+class GatherFromPeer(torch.autograd.Function):
+    """Forward: all-gather the pair's activations along dim 1 (column 0 first).
+    Backward: reduce-scatter: own slice of the gradient plus the slice the peer
+    computed for this column; the peer's slice is sent to the peer.
+
+    Used at conv3, fc6, fc7 and (classes split) fc8, whose inputs are both columns.
+    """
+
+    @staticmethod
+    def forward(ctx, act_shard, link: PeerLink, crossing: str):
+        ctx.link, ctx.crossing, ctx.own_width = link, crossing, act_shard.shape[1]
+        peer_shard = link.exchange(act_shard, act_shard.shape, act_shard, crossing, "forward")
+        return link.in_column_order(act_shard, peer_shard)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        link = ctx.link
+        grad_own, grad_for_peer = link.split(grad_full, ctx.own_width)
+        grad_from_peer = link.exchange(grad_for_peer, grad_own.shape, grad_full, ctx.crossing, "backward")
+        return grad_own + grad_from_peer, None, None
+
+
+class GatherOutput(torch.autograd.Function):
+    """Forward: all-gather the pair's outputs along dim 1 (column 0 first).
+    Backward: split, keeping the own slice and sending nothing.
+
+    Used for the logits when fc8 is split by classes: both processes compute the
+    same loss from the same logits, so each already holds the full gradient and
+    counting the peer's copy too would double it.
+    """
+
+    @staticmethod
+    def forward(ctx, out_shard, peer_width: int, link: PeerLink):
+        ctx.link, ctx.own_width = link, out_shard.shape[1]
+        peer_shape = (out_shard.shape[0], peer_width, *out_shard.shape[2:])
+        peer_shard = link.exchange(out_shard, peer_shape, out_shard, "logits", "forward")
+        return link.in_column_order(out_shard, peer_shard)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        grad_own, _ = ctx.link.split(grad_full, ctx.own_width)
+        return grad_own.contiguous(), None, None
+
+
+class GatherToFirst(torch.autograd.Function):
+    """Column 0 only. Forward: receive column 1's activations and concatenate
+    (column 0 first). Backward: send column 1 its slice of the gradient.
+
+    Used at fc8 when column 0 holds all of fc8 (the original code's layout).
+    """
+
+    @staticmethod
+    def forward(ctx, act_shard, link: PeerLink):
+        ctx.link, ctx.own_width = link, act_shard.shape[1]
+        peer_shard = link.exchange(None, act_shard.shape, act_shard, "fc8", "forward")
+        return link.in_column_order(act_shard, peer_shard)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        grad_own, grad_for_peer = ctx.link.split(grad_full, ctx.own_width)
+        ctx.link.exchange(grad_for_peer, None, grad_full, "fc8", "backward")
+        return grad_own, None
+
+
+class BroadcastFromFirst(torch.autograd.Function):
+    """Column 0 only. Forward: send the logits to column 1. Backward: identity.
+
+    Column 1 computes the same loss from the same logits, so the gradient of the
+    logits already lives here and nothing comes back.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, link: PeerLink):
+        link.exchange(logits, None, logits, "logits", "forward")
+        return logits.view_as(logits)
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        return grad_logits, None
+
+
+class ExchangeWithFirst(torch.autograd.Function):
+    """Column 1 only, the counterpart of GatherToFirst and BroadcastFromFirst.
+    Forward: send this column's fc7 activations to column 0, receive the logits.
+    Backward: drop the logits' gradient (column 0 owns fc8) and receive from
+    column 0 the gradient of this column's activations.
+    """
+
+    @staticmethod
+    def forward(ctx, act_shard, num_classes: int, link: PeerLink):
+        ctx.link, ctx.shape = link, act_shard.shape
+        link.exchange(act_shard, None, act_shard, "fc8", "forward")
+        return link.exchange(None, (act_shard.shape[0], num_classes), act_shard, "logits", "forward")
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        grad_own = ctx.link.exchange(None, ctx.shape, grad_logits, "fc8", "backward")
+        return grad_own, None, None

@@ -1,0 +1,167 @@
+"""The two-process pair against the single-device grouped reference, on gloo.
+
+Tolerances (fp32): the pair and the reference compute the same sums, but the
+reference's grouped convolutions may be evaluated by other kernels in another
+order, so results agree to rounding, not bit for bit:
+logits and gradients rtol=1e-4, atol=1e-5; weights after 5 SGD steps rtol=1e-4,
+atol=1e-6 (weights start at ~1e-1 scale and move by ~lr * grad).
+"""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet_mp.config import build_config
+from alexnet_mp.distributed import setup
+from alexnet_mp.exchange import GatherFromPeer, PeerError
+from alexnet_mp.model import (build_column, build_reference, dropout_generator, merge_states,
+                              param_groups)
+from alexnet_mp.summary import analytic_bytes
+from harness import SMALL_MODEL, run_ranks
+
+LOGIT_TOL = dict(rtol=1e-4, atol=1e-5)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
+WEIGHT_TOL = dict(rtol=1e-4, atol=1e-6)
+BATCH, STEPS = 6, 5
+
+
+def small_cfg(*extra):
+    return build_config(overrides=[*SMALL_MODEL, "dist.device=cpu", "dist.threads=1",
+                                   "train.lr=0.05", *extra])
+
+
+def batch_for(cfg, step):
+    g = torch.Generator().manual_seed(1000 + step)
+    images = torch.randn(BATCH, 3, cfg.model.crop_size, cfg.model.crop_size, generator=g)
+    return images, torch.randint(0, cfg.model.num_classes, (BATCH,), generator=g)
+
+
+def train_sequence(model, cfg):
+    """Identical on the pair and on the reference: logits, gradients, then SGD steps."""
+    model.set_dropout_generator(dropout_generator(cfg.train.seed, "cpu"))
+    opt = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                          momentum=cfg.train.momentum)
+    out = {}
+    for step in range(STEPS):
+        images, labels = batch_for(cfg, step)
+        model.train()
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            out["logits"] = logits.detach().clone()
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.eval()
+            with torch.no_grad():
+                out["eval_logits"] = model(images)
+        opt.step()
+    out["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def drop_peer_gradient(ctx, grad_full):
+    """A broken GatherFromPeer backward: exchanges, then forgets the peer's share."""
+    grad_own, grad_for_peer = ctx.link.split(grad_full, ctx.own_width)
+    ctx.link.exchange(grad_for_peer, grad_own.shape, grad_full, ctx.crossing, "backward")
+    return grad_own, None, None
+
+
+def pair_worker(rank, overrides, broken_backward=False):
+    cfg = small_cfg(*overrides)
+    layout = setup(cfg.dist)
+    link = layout.link(timeout_s=60)
+    if broken_backward:
+        GatherFromPeer.backward = staticmethod(drop_peer_gradient)
+    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
+    images, labels = batch_for(cfg, 0)
+    F.cross_entropy(model(images), labels).backward()  # one step's traffic, for the byte count
+    bytes_one_step = link.stats.as_dict()
+    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
+    out = train_sequence(model, cfg)
+    out["bytes"] = {k: {"sent": v["sent"], "recv": v["recv"]} for k, v in bytes_one_step.items()}
+    return out
+
+
+def run_pair_and_reference(overrides, broken_backward=False):
+    results = run_ranks(pair_worker, args=(overrides, broken_backward), timeout=120)
+    cfg = small_cfg(*overrides)
+    ref = train_sequence(build_reference(cfg.model, cfg.train.seed), cfg)
+    return cfg, results, ref
+
+
+@pytest.fixture(scope="module", params=["split", "rank0"])
+def pair_run(request):
+    return run_pair_and_reference([f"model.fc8={request.param}"])
+
+
+def test_logits_match_reference(pair_run):
+    _, results, ref = pair_run
+    for rank in (0, 1):  # both columns hold the full logits
+        torch.testing.assert_close(results[rank]["logits"], ref["logits"], **LOGIT_TOL)
+        torch.testing.assert_close(results[rank]["eval_logits"], ref["eval_logits"], **LOGIT_TOL)
+    # Dropout was on and did drop units: train and eval logits differ.
+    assert not torch.allclose(ref["logits"], ref["eval_logits"], **LOGIT_TOL)
+
+
+def test_gradients_match_reference(pair_run):
+    cfg, results, ref = pair_run
+    grads = merge_states([results[0]["grads"], results[1]["grads"]], cfg.model)
+    assert grads.keys() == ref["grads"].keys()
+    for name, g in ref["grads"].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], g, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_weights_match_after_sgd_steps(pair_run):
+    cfg, results, ref = pair_run
+    weights = merge_states([results[0]["weights"], results[1]["weights"]], cfg.model)
+    start = build_reference(cfg.model, cfg.train.seed).state_dict()
+    for name, w in ref["weights"].items():
+        assert not torch.equal(w, start[name]), f"{name} did not move"
+        torch.testing.assert_close(weights[name], w, **WEIGHT_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_bytes_per_step_equal_analytic_count(pair_run):
+    cfg, results, _ = pair_run
+    for rank in (0, 1):
+        expected = {k: v for k, v in analytic_bytes(cfg.model, BATCH, rank).items() if v["sent"] or v["recv"]}
+        assert results[rank]["bytes"] == expected
+
+
+def test_gradient_check_has_teeth():
+    """With the peer's gradient dropped at every crossing, the comparison must fail."""
+    cfg, results, ref = run_pair_and_reference(["model.fc8=split"], broken_backward=True)
+    grads = merge_states([results[0]["grads"], results[1]["grads"]], cfg.model)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(grads["conv1.weight"], ref["grads"]["conv1.weight"], **GRAD_TOL)
+    # Layers after the last crossing see no exchange in backward and still agree.
+    torch.testing.assert_close(grads["fc8.weight"], ref["grads"]["fc8.weight"], **GRAD_TOL)
+
+
+def lost_peer_worker(rank, how, timeout_s):
+    cfg = small_cfg()
+    layout = setup(cfg.dist)
+    link = layout.link(timeout_s=timeout_s)
+    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
+    if rank == 1:
+        if how == "dead":
+            import os
+            os._exit(1)
+        time.sleep(600)  # hung: alive, connected, silent
+    start = time.monotonic()
+    try:
+        model(batch_for(cfg, 0)[0])
+    except PeerError as e:
+        return {"error": str(e), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.parametrize("how", ["dead", "hung"])
+def test_lost_peer_gives_clear_error_within_timeout(how):
+    timeout_s = 3.0
+    result = run_ranks(lost_peer_worker, args=(how, timeout_s), wait_for=[0], timeout=60)[0]
+    assert result["error"] is not None, "the forward pass should have failed"
+    assert "rank 1" in result["error"] and "conv3 forward exchange" in result["error"]
+    assert result["seconds"] < timeout_s + 10
