@@ -89,6 +89,7 @@ class RunConfig:
     resume: str = ""  # run directory to continue
     init_from: str = ""  # single-device file written by alexnet_mp.export
     keep_checkpoints: int = 2
+    checkpoint_every: int = 0  # also checkpoint every N steps mid-epoch (0: at epoch ends only)
     eval_only: bool = False
     nonfinite: str = "error"  # or "skip": what a NaN/inf loss or gradient does
     progress: bool = True
@@ -205,6 +206,7 @@ def _validate(cfg: Config) -> None:
     _check(t.milestone_epochs >= 1, "train.milestone_epochs", "must be at least 1")
     _check(t.plateau_patience >= 1, "train.plateau_patience", "must be at least 1")
     _check(t.max_steps >= 0, "train.max_steps", "must be non-negative")
+    _check(cfg.run.checkpoint_every >= 0, "run.checkpoint_every", "must be non-negative")
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
     _check(cfg.dist.timeout_s > 0 and cfg.dist.startup_timeout_s > 0, "dist.timeout_s", "timeouts must be positive")
     _check(cfg.dist.threads >= 0, "dist.threads", "must be non-negative")

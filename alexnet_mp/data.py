@@ -6,7 +6,7 @@ epoch's shuffle is a permutation drawn from (seed, epoch), and each sample's cro
 come from a generator seeded with (seed, epoch, index). Nothing reads a global RNG, so the batches do
 not depend on num_workers, on which worker loads a sample, or on what else the process has drawn.
 
-Images are kept (or decoded) as uint8 H x W x 3 at the "stored" side (data.image_size for synthetic
+Images are kept (or decoded) as uint8 3 x H x W at the "stored" side (data.image_size for synthetic
 data, data.resize for folders); cropping, flipping, PCA lighting and normalisation happen on access.
 
 Corrupt images (folder data). A set of at most VERIFY_AT_BUILD_MAX files is decoded in full at build
@@ -162,30 +162,32 @@ class _SyntheticRenderer:
         spec = synthetic_classes(num_classes)
         self.shape_id = np.array([list(_SHAPES).index(s) for _, s, _ in spec])
         self.texture_id = np.array([list(_TEXTURES).index(t) for _, _, t in spec])
-        colour = np.array([_COLOURS[c] for c, _, _ in spec], dtype=np.float32)
-        self.colour = colour
+        self.colour = colour = np.array([_COLOURS[c] for c, _, _ in spec], dtype=np.float32)
         # The texture shade: darker for bright colours, lighter for black, so it is always visible.
         self.shade = np.where(colour.max(1, keepdims=True) > 0.5, colour * 0.4, colour + 0.5)
         # Bilinear spread of the background grid: pixel x lies between knots knot[x] and knot[x] + 1.
         pos = np.linspace(0, self.GRID - 1, side, dtype=np.float32)
-        self.knot = np.minimum(pos.astype(np.intp), self.GRID - 2)
-        self.frac = pos - self.knot
+        knot = np.minimum(pos.astype(np.intp), self.GRID - 2)
+        self.frac = pos - knot.astype(np.float32)
+        self.spans = [slice(int(np.searchsorted(knot, a)), int(np.searchsorted(knot, a, "right")))
+                      for a in range(self.GRID - 1)]
         self.coords = np.arange(side, dtype=np.float32) + 0.5
 
     def label(self, i: int) -> int:
         return i % self.num_classes  # balanced up to the remainder; the shuffle mixes them
 
     def render(self, indices: np.ndarray) -> np.ndarray:
-        """uint8 (n, side, side, 3) images for the given sample indices."""
+        """uint8 (n, 3, side, side) images for the given sample indices."""
         n, S, g = len(indices), self.side, self.GRID
         params = np.empty((n, 11), np.float32)
-        grid = np.empty((n, g, g, 3), np.float32)
-        noise = np.empty((n, S, S, 3), np.uint8)
+        grid = np.empty((n, 3, g, g), np.float32)
+        noise = np.empty((n, 3, S, S), np.uint8)
         for j, i in enumerate(indices):
             r = _rng(self.seed, self.salt, i)
             params[j] = r.random(11, dtype=np.float32)
-            grid[j] = r.random((g, g, 1), dtype=np.float32) * 0.3 + r.random((g, g, 3), dtype=np.float32) * 0.1
-            noise[j] = np.frombuffer(r.bytes(S * S * 3), np.uint8).reshape(S, S, 3)
+            grid[j] = r.random((1, g, g), dtype=np.float32) * 0.3 + r.random((3, g, g), dtype=np.float32) * 0.1
+            # Raw generator words as bytes: several times cheaper than integers() on this scale.
+            noise[j] = r.bit_generator.random_raw(-(-3 * S * S // 8)).view(np.uint8)[:3 * S * S].reshape(3, S, S)
         labels = np.asarray(indices) % self.num_classes
         p = params.T[:, :, None, None]  # per-image scalars, ready to broadcast over pixels
 
@@ -218,17 +220,22 @@ class _SyntheticRenderer:
         # Colour jitter: brightness and a small per-channel shift; kept in [0.04, 0.96] for the noise.
         bright = (0.8 + 0.3 * params[:, 6])[:, None]
         shift = (params[:, 7:10] - 0.5) * 0.12
-        fg = np.clip(self.colour[labels] * bright + shift, 0.04, 0.96) * 255 + offset
-        dark = np.clip(self.shade[labels] * bright + shift, 0.04, 0.96) * 255 + offset
+        fg = (np.clip(self.colour[labels] * bright + shift, 0.04, 0.96) * 255 + offset)[:, :, None, None]
+        dark = (np.clip(self.shade[labels] * bright + shift, 0.04, 0.96) * 255 + offset)[:, :, None, None]
 
         # Background: a grey of random level with smooth, low-contrast blotches of colour, the
         # control grid spread bilinearly (the weights sum to 1, so the level can go on the grid).
         grid = (grid + (0.05 + 0.3 * params[:, 10])[:, None, None, None]) * 255 + offset
-        lo, w = self.knot, self.frac
-        rows = grid[:, :, lo] * (1 - w)[None, None, :, None] + grid[:, :, lo + 1] * w[None, None, :, None]
-        bg = rows[:, lo] * (1 - w)[None, :, None, None] + rows[:, lo + 1] * w[None, :, None, None]
+        w = self.frac
+        rows = np.empty((n, 3, g, S), np.float32)
+        bg = np.empty((n, 3, S, S), np.float32)
+        # Interval a of the grid covers the pixels `span` on each axis; slices, not gathers, are cheap.
+        for a, span in enumerate(self.spans):
+            rows[..., span] = grid[..., a, None] * (1 - w[span]) + grid[..., a + 1, None] * w[span]
+        for a, span in enumerate(self.spans):
+            bg[:, :, span] = rows[:, :, a, None] * (1 - w[span, None]) + rows[:, :, a + 1, None] * w[span, None]
 
-        img = np.where(inside[..., None], np.where(shaded[..., None], dark[:, None, None], fg[:, None, None]), bg)
+        img = np.where(inside[:, None], np.where(shaded[:, None], dark, fg), bg)
         img += noise * np.float32(20 / 255)
         return img.astype(np.uint8)
 
@@ -236,13 +243,13 @@ class _SyntheticRenderer:
 class _SyntheticSource:
     """One split of the synthetic set, rendered once into memory when it fits SYNTH_MEMORY_MAX."""
 
-    CHUNK = 32  # images rendered together: vectorised, with bounded temporary memory
+    CHUNK = 8  # images rendered together: vectorised, yet small enough to stay in cache
 
     def __init__(self, renderer: _SyntheticRenderer, size: int):
         self.renderer, self.size, self.side = renderer, size, renderer.side
         self.images = None
         if size * self.side * self.side * 3 <= SYNTH_MEMORY_MAX:
-            self.images = np.empty((size, self.side, self.side, 3), np.uint8)
+            self.images = np.empty((size, 3, self.side, self.side), np.uint8)
             for start in range(0, size, self.CHUNK):
                 stop = min(size, start + self.CHUNK)
                 self.images[start:stop] = renderer.render(np.arange(start, stop))
@@ -269,12 +276,12 @@ def _unreadable(path: Path, err: BaseException) -> str:
 
 
 def _load_image(path: Path, side: int) -> np.ndarray:
-    """Decode, scale the shorter side to `side` and centre-crop side x side: uint8 (side, side, 3)."""
+    """Decode, scale the shorter side to `side` and centre-crop side x side: uint8 (3, side, side)."""
     with Image.open(path) as im:
         im.draft("RGB", (side, side))  # JPEG: decode at the smallest scale still >= side (fast)
         im = im.convert("RGB")
     im = TF.center_crop(TF.resize(im, side), side)
-    return np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
 
 
 class _FolderSource:
@@ -377,8 +384,8 @@ def _pixel_stats(images: Iterable[np.ndarray]) -> dict:
     """Mean, std and PCA (eigenvalues descending, eigenvectors as columns) of RGB in [0, 1]."""
     total, prods, count = np.zeros(3), np.zeros((3, 3)), 0
     for img in images:
-        step = max(1, img.shape[0] // 64)  # about 64 x 64 pixels per image is plenty for 3x3 moments
-        x = img[::step, ::step].reshape(-1, 3).astype(np.float64) / 255
+        step = max(1, img.shape[1] // 64)  # about 64 x 64 pixels per image is plenty for 3x3 moments
+        x = img[:, ::step, ::step].reshape(3, -1).T.astype(np.float64) / 255
         total += x.sum(0)
         # Elementwise sums, not a BLAS product: the result must not depend on the thread count.
         for a in range(3):
@@ -389,10 +396,15 @@ def _pixel_stats(images: Iterable[np.ndarray]) -> dict:
     cov = prods / count - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1]
+    eigval, eigvec = np.maximum(eigval[order], 0), eigvec[:, order]
+    # Eigenvectors have no inherent sign; fix one (largest component positive) so that LAPACK
+    # builds that disagree still give the same lighting.
+    eigvec = eigvec * np.where(eigvec[np.abs(eigvec).argmax(0), range(3)] < 0, -1, 1)
     # A floor on std keeps single-colour data from dividing by zero.
     std = np.sqrt(np.maximum(np.diag(cov), (1 / 255) ** 2))
-    return {"mean": mean.tolist(), "std": std.tolist(), "eigval": np.maximum(eigval[order], 0).tolist(),
-            "eigvec": eigvec[:, order].tolist()}
+    # Rounded, so that last-bit differences between machines do not reach the normalised pixels.
+    return {k: np.round(v, 6).tolist() for k, v in
+            {"mean": mean, "std": std, "eigval": eigval, "eigvec": eigvec}.items()}
 
 
 def _stats_sample(source) -> Iterator[np.ndarray]:
@@ -406,17 +418,16 @@ def _cached_stats(cache_dir: str | Path | None, key: str, source) -> tuple[dict,
     path = Path(cache_dir) / f"data-stats-{key}.json" if cache_dir else None
     if path is not None and path.is_file():
         try:
-            stats = json.loads(path.read_text())
-            if stats.get("key") == key:
-                return stats, True
-        except (OSError, ValueError):
+            cached = json.loads(path.read_text())
+            return {k: cached[k] for k in ("mean", "std", "eigval", "eigvec")}, True
+        except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache file is recomputed below
-    stats = dict(_pixel_stats(_stats_sample(source)), key=key)
+    stats = _pixel_stats(_stats_sample(source))
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename: both processes of a pair may write at once; readers never see half a file.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(stats, indent=1))
+        tmp.write_text(json.dumps(dict(stats, key=key), indent=1))
         os.replace(tmp, path)
     return stats, False
 
@@ -436,10 +447,9 @@ class AugmentedImages(Dataset):
         self.source, self.mode, self.crop, self.seed = source, mode, crop, seed
         self.flip, self.lighting = flip, lighting
         self.side = source.side
-        std = np.asarray(stats["std"], np.float64)
         self.mean = np.asarray(stats["mean"], np.float64)
-        self.std = std
-        self.scale = (1 / (255 * std)).astype(np.float32)
+        self.std = np.asarray(stats["std"], np.float64)
+        self.scale = (1 / (255 * self.std)).astype(np.float32)[:, None, None]
         self.eigval = np.asarray(stats["eigval"], np.float64)
         self.eigvec = np.asarray(stats["eigvec"], np.float64)
 
@@ -448,33 +458,33 @@ class AugmentedImages(Dataset):
 
     def _normalise(self, crop: np.ndarray, light: np.ndarray) -> torch.Tensor:
         # Lighting is added to [0, 1] pixels before normalising, and not clipped (as in the paper).
-        bias = ((light - self.mean) / self.std).astype(np.float32)
-        x = crop.astype(np.float32) * self.scale + bias
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        bias = ((light - self.mean) / self.std).astype(np.float32)[:, None, None]
+        return torch.from_numpy(np.ascontiguousarray(crop * self.scale + bias))
 
     def __getitem__(self, key) -> tuple[torch.Tensor, int]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         img, label = self.source.sample(int(index))
         c, side = self.crop, self.side
-        none = np.zeros(3)
+        no_light = np.zeros(3)
         if self.mode == "train":
             # Always draw every number, so turning flip or lighting off leaves the crops as they were.
             r = _rng(self.seed, epoch, index, _SALT_AUGMENT)
             y, x = r.integers(0, side - c + 1, size=2)
             flip = r.random() < 0.5
             alpha = r.normal(0.0, 1.0, size=3)
-            crop = img[y:y + c, x:x + c]
+            crop = img[:, y:y + c, x:x + c]
             if self.flip and flip:
-                crop = crop[:, ::-1]
-            light = self.eigvec @ (alpha * self.lighting * self.eigval) if self.lighting > 0 else none
+                crop = crop[:, :, ::-1]
+            # Elementwise, not a BLAS product: the bytes must not depend on the BLAS build.
+            light = (self.eigvec * (alpha * self.lighting * self.eigval)).sum(1) if self.lighting > 0 else no_light
             return self._normalise(crop, light), label
         m = (side - c) // 2
         if self.mode == "centre":
-            return self._normalise(img[m:m + c, m:m + c], none), label
+            return self._normalise(img[:, m:m + c, m:m + c], no_light), label
         corners = [(0, 0), (0, side - c), (side - c, 0), (side - c, side - c), (m, m)]  # as torchvision's five_crop
-        crops = [img[y:y + c, x:x + c] for y, x in corners]
-        crops += [cr[:, ::-1] for cr in crops]
-        return torch.stack([self._normalise(cr, none) for cr in crops]), label
+        crops = [img[:, y:y + c, x:x + c] for y, x in corners]
+        crops += [cr[:, :, ::-1] for cr in crops]
+        return torch.stack([self._normalise(cr, no_light) for cr in crops]), label
 
 
 # ---------------------------------------------------------------- building
@@ -531,9 +541,6 @@ def build_data(cfg: Config, cache_dir: str | Path | None = None) -> DataBundle:
     build = _build_synthetic(cfg) if cfg.data.dataset == "synthetic" else _build_folder(cfg, cache_dir)
     train, val, classes, stats, skipped, from_cache, fingerprint = build
     d, crop, seed = cfg.data, cfg.model.crop_size, cfg.train.seed
-    if train.side < crop:
-        raise DataError(f"images are {train.side} px but model.crop_size={crop}; raise data.resize "
-                        f"(or data.image_size) or lower model.crop_size")
 
     def split(source, mode):
         return AugmentedImages(source, mode, crop, seed, d.flip, d.pca_lighting, stats)

@@ -56,7 +56,7 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0,
     results = ctx.Queue()
     port = free_port()
     env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, env), daemon=True)
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, args, results, env))
              for r in range(world_size)]
     for p in procs:
         p.start()
