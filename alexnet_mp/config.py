@@ -67,7 +67,11 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 90
-    batch_size: int = 128  # per model-parallel pair
+    batch_size: int = 128  # per model-parallel pair; the global batch is dp x batch_size
+    # How lr follows the number of data-parallel replicas D: "none" uses lr as is
+    # for the global batch (a step then equals the reference's step on that batch);
+    # "linear" multiplies it by D (Goyal et al.'s linear scaling rule).
+    lr_scaling: str = "none"
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -101,6 +105,7 @@ class DistConfig:
     timeout_s: float = 120.0  # any exchange or collective after the first step
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
+    dp: int = 0  # data-parallel replicas; 0: world size / 2. Set it to have the launch checked
 
 
 @dataclass
@@ -141,6 +146,7 @@ CHOICES = {
     "data.dataset": ("synthetic", "folder"),
     "data.bad_images": ("error", "skip"),
     "train.schedule": ("step", "plateau"),
+    "train.lr_scaling": ("none", "linear"),
     "run.nonfinite": ("error", "skip"),
     "dist.device": ("auto", "cpu", "cuda"),
 }
@@ -210,6 +216,7 @@ def _validate(cfg: Config) -> None:
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
     _check(cfg.dist.timeout_s > 0 and cfg.dist.startup_timeout_s > 0, "dist.timeout_s", "timeouts must be positive")
     _check(cfg.dist.threads >= 0, "dist.threads", "must be non-negative")
+    _check(cfg.dist.dp >= 0, "dist.dp", "must be non-negative (0: world size / 2)")
     p = cfg.profile
     _check(p.trace_wait >= 0 and p.trace_warmup >= 0 and p.trace_active >= 1, "profile.trace_active",
            "trace window needs wait>=0, warmup>=0, active>=1")

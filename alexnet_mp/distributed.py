@@ -109,6 +109,12 @@ def setup(cfg: DistConfig) -> Layout:
     dims = ParallelDims(_env_int("WORLD_SIZE"))
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dims.world_size))
+    if cfg.dp and cfg.dp != dims.dp:
+        raise LaunchError(f"dist.dp={cfg.dp} replicas x 2 columns needs {cfg.dp * MP} processes, but "
+                          f"{dims.world_size} were started; start {cfg.dp * MP} or set dist.dp=0")
+    if local_world % MP and local_world != 1:
+        raise LaunchError(f"--nproc_per_node={local_world} is odd: a model-parallel pair would straddle two "
+                          f"nodes; use an even number of processes per node")
     device = choose_device(cfg, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":

@@ -82,18 +82,22 @@ class SharedDropout(nn.Module):
 
     The reference and both columns draw the same full mask from generators
     seeded alike, and each column keeps its own slice, so the pair drops exactly
-    the units the reference drops.
+    the units the reference drops. Likewise each of D data-parallel replicas
+    draws the mask of the whole global batch and keeps its own rows.
     """
 
     def __init__(self, p: float, full_width: int, keep: tuple[int, int]):
         super().__init__()
         self.p, self.full_width, self.keep = p, full_width, keep
         self.generator: torch.Generator | None = None  # set by `set_dropout_generator`
+        self.replica, self.replicas = 0, 1
 
     def forward(self, x):
         if not self.training or self.p == 0:
             return x
-        noise = torch.rand((x.shape[0], self.full_width), generator=self.generator, device=x.device)
+        rows = x.shape[0]
+        noise = torch.rand((rows * self.replicas, self.full_width), generator=self.generator, device=x.device)
+        noise = noise[self.replica * rows:(self.replica + 1) * rows]
         mask = (noise[:, self.keep[0]:self.keep[1]] >= self.p).to(x.dtype)
         return x * mask / (1 - self.p)
 
@@ -105,10 +109,10 @@ class _AlexNetBase(nn.Module):
         lrn = cfg.lrn
         self.lrn = nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
 
-    def set_dropout_generator(self, generator: torch.Generator) -> None:
+    def set_dropout_generator(self, generator: torch.Generator, replica: int = 0, replicas: int = 1) -> None:
         for m in self.modules():
             if isinstance(m, SharedDropout):
-                m.generator = generator
+                m.generator, m.replica, m.replicas = generator, replica, replicas
 
     @staticmethod
     def pool(x):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,9 +91,19 @@ def all_finite(loss, model, device) -> bool:
     return bool(flag.item())
 
 
+def sum_over_replicas(values: list[float], layout) -> list[float]:
+    """Add up per-replica figures; both columns of a pair hold the same ones."""
+    if layout.dims.dp == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=layout.device)
+    dist.all_reduce(t, group=layout.dp_group)
+    return t.tolist()
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, ten_crop=False) -> dict:
+def evaluate(model, loader, layout, ten_crop=False) -> dict:
     model.eval()
+    device = layout.device
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-5, images
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -104,8 +115,8 @@ def evaluate(model, loader, device, ten_crop=False) -> dict:
         sums += torch.tensor([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item(),
                               (top5[:, 0] == labels).sum().item(),
                               (top5 == labels[:, None]).any(1).sum().item(), len(labels)], dtype=torch.float64)
-    return {"loss": sums[0].item() / sums[3].item(), "top1": sums[1].item() / sums[3].item(),
-            "top5": sums[2].item() / sums[3].item()}
+    loss, top1, top5, n = sum_over_replicas(sums.tolist(), layout)
+    return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
 def train(cfg, layout) -> dict:
@@ -131,10 +142,12 @@ def train(cfg, layout) -> dict:
     link = layout.link(cfg.dist.startup_timeout_s)  # generous until the first step has run
     model = build_column(cfg.model, column, link, cfg.train.seed, device)
     dropout_rng = dropout_generator(cfg.train.seed, device)
-    model.set_dropout_generator(dropout_rng)
+    model.set_dropout_generator(dropout_rng, layout.dp_rank, layout.dims.dp)
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum)
     schedule = LRSchedule(cfg.train)
+    lr_factor = layout.dims.dp if cfg.train.lr_scaling == "linear" else 1
+    global_batch = cfg.train.batch_size * layout.dims.dp
     start_epoch, start_batch, step, partial = 0, 0, 0, None
 
     # --- where to start: a checkpoint of this run, or a single-device file
@@ -151,7 +164,12 @@ def train(cfg, layout) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             dropout_rng.set_state(state["dropout_rng"].cpu())
             trainer = manifest["trainer"]
-            start_epoch, start_batch, step = trainer["epoch"], trainer["batch"], trainer["step"]
+            start_epoch, step = trainer["epoch"], trainer["step"]
+            # Positions are kept in images, so a run can resume with another number of replicas.
+            start_batch, leftover = divmod(trainer["images_in_epoch"], global_batch)
+            if leftover:
+                say(f"warning: resuming with a global batch of {global_batch} repeats {leftover} images of "
+                    f"epoch {start_epoch + 1} (the checkpoint stopped after {trainer['images_in_epoch']})")
             schedule.load_state_dict(trainer["schedule"])
             partial = trainer.get("partial")
             if layout.is_main:
@@ -167,20 +185,27 @@ def train(cfg, layout) -> dict:
             return
         manifest = {"config": cfg.to_dict(), "model_hash": cfg.model_hash(), "world_size": layout.dims.world_size,
                     "classes": data.classes, "mean": data.mean, "std": data.std,
-                    "trainer": {"epoch": epoch, "batch": batch, "step": step, "schedule": schedule.state_dict(),
-                                "partial": sums}}
+                    "trainer": {"epoch": epoch, "images_in_epoch": batch * global_batch, "step": step,
+                                "schedule": schedule.state_dict(), "partial": sums}}
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "dropout_rng": dropout_rng.get_state(), "column": column}
         checkpoint.save(run_path / "checkpoints", step, column, payload, manifest,
                         cfg.run.keep_checkpoints, layout.mp_group)
 
     ten_crop = cfg.data.ten_crop and data.val_ten_crop is not None
+    # Replicas average each column's gradients over the data-parallel group,
+    # bucketed and overlapped with backward; the pair's exchanges stay inside the pair.
+    net = model if layout.dims.dp == 1 else DistributedDataParallel(
+        model, process_group=layout.dp_group, device_ids=[device] if device.type == "cuda" else None)
+
+    def val_batches(ten_crop=False):  # each replica evaluates its share; figures are summed
+        return eval_loader(data, cfg, ten_crop=ten_crop, dp_rank=layout.dp_rank, dp_size=layout.dims.dp)
     if eval_only:
-        centre = evaluate(model, eval_loader(data, cfg), device)
+        centre = evaluate(net, val_batches(), layout)
         record = {k: None for k in rundir.METRIC_KEYS}
         record.update(epoch=start_epoch, val_loss=centre["loss"], val_top1=centre["top1"], val_top5=centre["top5"])
         if ten_crop:
-            tc = evaluate(model, eval_loader(data, cfg, ten_crop=True), device, ten_crop=True)
+            tc = evaluate(net, val_batches(True), layout, ten_crop=True)
             record.update(val_tencrop_top1=tc["top1"], val_tencrop_top5=tc["top5"])
         if layout.is_main:
             rundir.append_metrics(run_path, record)
@@ -188,19 +213,18 @@ def train(cfg, layout) -> dict:
         return record
 
     # --- the epoch loop
-    pair_batch = cfg.train.batch_size
-    steps_per_epoch = len(data.train) // (pair_batch * layout.dims.dp)
+    steps_per_epoch = len(data.train) // global_batch
     if steps_per_epoch == 0:
         raise DataError(f"the training set ({len(data.train)} images) is smaller than one global batch "
-                        f"({pair_batch * layout.dims.dp}); lower train.batch_size")
+                        f"({global_batch}); lower train.batch_size")
     say(f"run directory: {run_path}; {steps_per_epoch} steps per epoch; "
         f"{layout.dims.dp} replica(s) x 2 columns on {device}")
     record, stop = {}, False
     for epoch in range(start_epoch, cfg.train.epochs):
-        lr = schedule.lr(epoch)
+        lr = schedule.lr(epoch) * lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr
-        model.train()
+        net.train()
         sums = partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         partial = None
         bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
@@ -209,7 +233,7 @@ def train(cfg, layout) -> dict:
         batches = train_loader(data, cfg, epoch, start_batch, layout.dp_rank, layout.dims.dp)
         for batch, (images, labels) in enumerate(batches, start=start_batch):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            logits = model(images)
+            logits = net(images)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -245,15 +269,15 @@ def train(cfg, layout) -> dict:
             break
         sums["seconds"] += time.perf_counter() - tick
         start_batch = 0
-        val = evaluate(model, eval_loader(data, cfg), device)
+        val = evaluate(net, val_batches(), layout)
         schedule.observe(val["loss"])
-        record = {"epoch": epoch + 1, "step": step, "train_loss": sums["loss"] / max(sums["seen"], 1),
-                  "train_top1": sums["correct"] / max(sums["seen"], 1), "val_loss": val["loss"],
+        loss_sum, correct, seen = sum_over_replicas([sums["loss"], sums["correct"], sums["seen"]], layout)
+        record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(seen, 1),
+                  "train_top1": correct / max(seen, 1), "val_loss": val["loss"],
                   "val_top1": val["top1"], "val_top5": val["top5"], "lr": lr,
-                  "images_per_sec": sums["seen"] * layout.dims.dp / max(sums["seconds"], 1e-9),
-                  "seconds": sums["seconds"]}
+                  "images_per_sec": seen / max(sums["seconds"], 1e-9), "seconds": sums["seconds"]}
         if epoch + 1 == cfg.train.epochs and ten_crop:
-            tc = evaluate(model, eval_loader(data, cfg, ten_crop=True), device, ten_crop=True)
+            tc = evaluate(net, val_batches(True), layout, ten_crop=True)
             record.update(val_tencrop_top1=tc["top1"], val_tencrop_top5=tc["top5"])
         save_checkpoint(epoch + 1, 0, None)
         if layout.is_main:
