@@ -110,8 +110,9 @@ class DistConfig:
 
 @dataclass
 class ProfileConfig:
-    enabled: bool = False
+    enabled: bool = False  # profile.json, a table and a timeline in the run directory (alexnet_mp/profiler.py)
     trace: bool = False  # also write a torch.profiler trace per rank
+    skip_steps: int = 2  # first steps left out of the summary (allocator and cache warm-up)
     trace_wait: int = 1
     trace_warmup: int = 1
     trace_active: int = 2
@@ -218,6 +219,7 @@ def _validate(cfg: Config) -> None:
     _check(cfg.dist.threads >= 0, "dist.threads", "must be non-negative")
     _check(cfg.dist.dp >= 0, "dist.dp", "must be non-negative (0: world size / 2)")
     p = cfg.profile
+    _check(p.skip_steps >= 0, "profile.skip_steps", "must be non-negative")
     _check(p.trace_wait >= 0 and p.trace_warmup >= 0 and p.trace_active >= 1, "profile.trace_active",
            "trace window needs wait>=0, warmup>=0, active>=1")
     _check(p.nvml_interval_s > 0, "profile.nvml_interval_s", "must be positive")

@@ -84,6 +84,33 @@ def analytic_bytes(cfg: ModelConfig, batch: int, column: int, element_size: int 
     return out
 
 
+def activation_elements(cfg: ModelConfig) -> int:
+    """Elements per image that the single-device reference keeps for its backward pass.
+
+    The input, then each layer's output and the output of every ReLU, LRN,
+    pooling and dropout after it, once each. A lower bound: LRN's intermediate
+    tensors and the pooling indices come on top.
+    """
+    s = spatial_sizes(cfg.crop_size)  # conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5
+    c1, c2, c3, c4, c5 = cfg.conv_widths
+    return (3 * cfg.crop_size ** 2
+            + c1 * (3 * s[0] ** 2 + s[1] ** 2)  # conv1, ReLU, LRN; pool1
+            + c2 * (3 * s[2] ** 2 + s[3] ** 2)  # conv2, ReLU, LRN; pool2
+            + 2 * (c3 * s[4] ** 2 + c4 * s[5] ** 2 + c5 * s[6] ** 2)  # conv3..5 and their ReLUs
+            + c5 * s[7] ** 2  # pool5
+            + 2 * 3 * cfg.fc_width  # fc6, fc7: output, ReLU, dropout
+            + cfg.num_classes)
+
+
+def reference_memory(cfg: ModelConfig, batch: int, element_size: int = 4) -> dict[str, int]:
+    """Bytes the single-device reference needs to train on `batch` images with SGD and momentum:
+    parameters + gradients + momentum (3 x parameters) + activations (`activation_elements` x batch)."""
+    params = param_count(cfg) * element_size
+    activations = activation_elements(cfg) * batch * element_size
+    return {"parameters": params, "gradients": params, "momentum": params, "activations": activations,
+            "total": 3 * params + activations}
+
+
 def _fmt(n: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:

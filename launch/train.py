@@ -30,6 +30,7 @@ from alexnet_mp.distributed import LaunchError, setup, teardown  # noqa: E402
 from alexnet_mp.exchange import PeerError  # noqa: E402
 from alexnet_mp.export import ExportError, load_single_device  # noqa: E402
 from alexnet_mp.model import build_column, dropout_generator, param_groups, split_state  # noqa: E402
+from alexnet_mp.profiler import NullProfiler, profiling  # noqa: E402
 from alexnet_mp.schedule import LRSchedule  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "small.yaml"
@@ -119,7 +120,7 @@ def evaluate(model, loader, layout, ten_crop=False) -> dict:
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
-def train(cfg, layout) -> dict:
+def train(cfg, layout, prof=NullProfiler()) -> dict:
     say = print if layout.is_main else (lambda *a, **k: None)
     device, column = layout.device, layout.column
     eval_only = cfg.run.eval_only
@@ -220,6 +221,7 @@ def train(cfg, layout) -> dict:
     say(f"run directory: {run_path}; {steps_per_epoch} steps per epoch; "
         f"{layout.dims.dp} replica(s) x 2 columns on {device}")
     record, stop = {}, False
+    prof.attach(model, link, optimizer, run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = schedule.lr(epoch) * lr_factor
         for group in optimizer.param_groups:
@@ -230,7 +232,7 @@ def train(cfg, layout) -> dict:
         bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not (layout.is_main and cfg.run.progress), mininterval=1.0, dynamic_ncols=True)
         tick = time.perf_counter()
-        batches = train_loader(data, cfg, epoch, start_batch, layout.dp_rank, layout.dims.dp)
+        batches = prof.batches(train_loader(data, cfg, epoch, start_batch, layout.dp_rank, layout.dims.dp))
         for batch, (images, labels) in enumerate(batches, start=start_batch):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             logits = net(images)
@@ -252,6 +254,7 @@ def train(cfg, layout) -> dict:
             sums["loss"] += loss.item() * len(labels)
             sums["correct"] += int((logits.argmax(1) == labels).sum())
             sums["seen"] += len(labels)
+            prof.step_end()
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == steps_per_epoch:
                 elapsed = sums["seconds"] + time.perf_counter() - tick
@@ -310,7 +313,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        train(cfg, layout)
+        with profiling(cfg, layout) as prof:  # profile.enabled: profile.json and a table at the end
+            train(cfg, layout, prof)
     except (*USER_ERRORS, RunFailed, NonFiniteError) as e:
         print(f"error (rank {layout.rank}): {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,208 @@
+"""The profiler: summary arithmetic, NVML with and without a GPU, and profiled 2-process gloo runs."""
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alexnet_mp import profiler
+from alexnet_mp.config import build_config
+from alexnet_mp.model import LAYERS
+from alexnet_mp.summary import analytic_bytes, param_count, reference_memory
+from test_train import TINY, run_script
+
+# --------------------------------------------------------------- synthetic records
+
+
+def synthetic_rank(rank, conv3_waits, conv1_forward, nbytes=(2304, 2304)):
+    """Steps of 10 ms with a known breakdown; the conv3.forward wait varies per step."""
+    steps = []
+    for index, (wait, fwd) in enumerate(zip(conv3_waits, conv1_forward)):
+        t = [0.0]
+
+        def span(seconds):
+            t[0] += seconds
+            return t[0] - seconds, t[0]
+
+        events = [["data", "data", *span(0.001)], ["forward", "conv1", *span(fwd)],
+                  ["comm", "conv3.forward", *span(wait)], ["loss", "loss", *span(0.0005)],
+                  ["backward", "conv1", *span(0.002)], ["optimizer", "optimizer", *span(0.0005)]]
+        steps.append({"index": index + 2, "batch": 8, "seconds": 0.010, "events": events,
+                      "bytes": {"conv3.forward": list(nbytes)}})
+    return {"rank": rank, "column": rank, "peer": 1 - rank, "dp_rank": 0, "device": "cpu", "threads": 1,
+            "machine": {"host": "h", "cpu": "cpu", "cores": 2, "memory_bytes": 2**30, "gpu": None},
+            "versions": {"torch": "t", "python": "p", "backend": "gloo"}, "steps": steps,
+            "seen": len(steps) + 2, "bytes_checked": len(steps) + 2, "byte_mismatches": [],
+            "analytic": {"conv3.forward": {"sent": 2304, "recv": 2304}},
+            "memory": {"kind": "resident set (VmHWM)", "peak_bytes": 2**29, "at_start_bytes": 2**28,
+                       "model_state_bytes": 1000, "scope": "the first 5 training steps"},
+            "nvml": {"available": False, "reason": "no GPU"}, "trace": None}
+
+
+def test_summary_arithmetic_on_synthetic_records(tmp_path):
+    waits0, waits1 = [0.004, 0.001, 0.003], [0.002, 0.002, 0.001]  # rank 0 arrives first in steps 1 and 3
+    fwd0 = [0.001, 0.003, 0.002]
+    ranks = [synthetic_rank(0, waits0, fwd0), synthetic_rank(1, waits1, [0.002] * 3, nbytes=(2304, 2300))]
+    ranks[1]["byte_mismatches"] = [{"step": 3, "key": "conv3.forward", "measured": [2304, 2300],
+                                    "analytic": [2304, 2304]}]
+    cfg = build_config(overrides=TINY)
+    profile = profiler.build_profile(ranks, cfg, str(tmp_path), skipped=2, traced=0)
+    r0, r1 = profile["ranks"]
+
+    for r in (r0, r1):
+        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["step"]["mean_s"] == pytest.approx(0.010) and r["images_per_s"] == pytest.approx(800)
+    assert r0["layers"]["conv1"]["forward"]["median_s"] == pytest.approx(0.002)
+    assert r0["layers"]["conv1"]["forward"]["share"] == pytest.approx(0.2)
+    other = [0.010 - (0.001 + f + w + 0.0005 + 0.002 + 0.0005) for f, w in zip(fwd0, waits0)]
+    assert r0["phases"]["other"]["mean_s"] == pytest.approx(statistics.fmean(other))
+    # Transfer: per step the shorter of the two waits; the rest of each rank's wait is the wait for the peer.
+    transfer = statistics.fmean(min(a, b) for a, b in zip(waits0, waits1))
+    c0, c1 = r0["crossings"]["conv3.forward"], r1["crossings"]["conv3.forward"]
+    assert c0["transfer_s"] == pytest.approx(transfer) == c1["transfer_s"]
+    assert c0["peer_wait_s"] == pytest.approx(statistics.fmean(waits0) - transfer)
+    assert c0["wait"]["median_s"] == pytest.approx(0.003)
+    assert c0["bandwidth_bytes_per_s"] == pytest.approx(2 * 2304 / transfer)
+    assert c0["bytes_match"] and not c1["bytes_match"]
+    assert profile["steps"]["timeline_step"] == 2  # every step takes the median time: the first one
+    assert profile["reference_memory"] == reference_memory(cfg.model, 8)
+
+    table = profiler.render_table(profile)
+    assert "wait conv3.forward" in table and "DIFFERS" in table and "not available: no GPU" in table
+    profiler.plot_timeline(profile, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_reference_memory_and_disabled_profiler():
+    cfg = build_config(overrides=TINY)
+    one, eight = reference_memory(cfg.model, 1), reference_memory(cfg.model, 8)
+    assert one["parameters"] == one["gradients"] == one["momentum"] == 4 * param_count(cfg.model)
+    assert eight["activations"] == 8 * one["activations"] > 0
+    assert eight["total"] == 3 * eight["parameters"] + eight["activations"]
+    null = profiler.profiling(cfg, layout=None)  # profile.enabled is off: nothing is set up
+    loader = [1, 2]
+    with null as prof:
+        assert isinstance(prof, profiler.NullProfiler) and prof.batches(loader) is loader
+
+
+# --------------------------------------------------------------- NVML
+
+
+class FakeNVML:
+    """The parts of pynvml the sampler uses, with canned readings."""
+
+    NVML_CLOCK_SM, NVML_CLOCK_MEM = 1, 2
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, fail_init=False):
+        self.fail_init, self.shut = fail_init, False
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("Driver Not Loaded")
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return f"gpu{index}"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        return SimpleNamespace(gpu=87, memory=40)
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        return SimpleNamespace(used=3 * 2**30, total=80 * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 250_000  # mW
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        return {1: 1980, 2: 2619}[kind]
+
+    def nvmlShutdown(self):
+        self.shut = True
+
+
+def test_nvml_sampler_with_a_fake_module():
+    fake = FakeNVML()
+    sampler, reason = profiler.open_nvml(torch.device("cuda", 0), 0.005, nvml=fake)
+    assert reason is None and sampler.handle == "gpu0"
+    deadline = time.monotonic() + 10
+    while len(sampler.samples["power_w"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    report = sampler.stop()
+    assert report["available"] and report["samples"] >= 3 and report["read_errors"] == 0 and fake.shut
+    assert report["gpu_util_pct"] == {"mean": 87, "max": 87} and report["power_w"]["mean"] == 250
+    assert report["mem_used_bytes"]["max"] == 3 * 2**30 and report["sm_clock_mhz"]["mean"] == 1980
+    assert report["mem_clock_mhz"]["max"] == 2619
+
+
+def test_nvml_unavailable_says_why():
+    sampler, reason = profiler.open_nvml(torch.device("cuda", 0), 0.1, nvml=FakeNVML(fail_init=True))
+    assert sampler is None and "Driver Not Loaded" in reason
+    sampler, reason = profiler.open_nvml(torch.device("cpu"), 0.1)
+    assert sampler is None and "CPU" in reason
+
+
+# --------------------------------------------------------------- profiled runs
+
+
+def check_bytes_against_analytic(profile, cfg):
+    for r in profile["ranks"]:
+        expected = analytic_bytes(cfg.model, profile["batch_per_pair"], r["column"])
+        measured = {k: {"sent": c["sent_bytes"], "recv": c["recv_bytes"]} for k, c in r["crossings"].items()}
+        assert measured == expected, f"rank {r['rank']}"
+        assert all(c["bytes_match"] for c in r["crossings"].values())
+        assert r["byte_mismatches"] == [] and r["bytes_checked_steps"] == profile["steps"]["seen"]
+
+
+def test_profiled_run_writes_profile_table_and_timeline(tmp_path, capfd):
+    run = run_script(tmp_path, "train.epochs=1", "profile.enabled=true")
+    out = capfd.readouterr().out
+    assert "NVML not available: this rank runs on the CPU" in out and "where a step goes" in out
+    profile = json.loads((run / "profile.json").read_text())
+    cfg = build_config(overrides=TINY)
+    assert [r["rank"] for r in profile["ranks"]] == [0, 1]
+    assert profile["steps"] == {"seen": 8, "measured": 6, "warmup_skipped": 2, "traced_excluded": 0,
+                                "timeline_step": profile["steps"]["timeline_step"]}
+    for r in profile["ranks"]:
+        assert sorted(r["layers"]) == sorted(LAYERS)
+        assert all(set(d) == {"forward", "backward"} for d in r["layers"].values())
+        assert set(r["crossings"]) == set(analytic_bytes(cfg.model, 8, r["column"]))
+        assert set(r["phases"]) == {"data", "loss", "optimizer", "other"}
+        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["memory"]["peak_bytes"] >= r["memory"]["at_start_bytes"] > 0
+        assert r["nvml"] == {"available": False, "reason": "this rank runs on the CPU, not on an NVIDIA GPU"}
+        kinds = {e[0] for e in r["timeline"]["events"]}
+        assert kinds == {"data", "forward", "comm", "loss", "backward", "optimizer"}
+        assert r["trace"] is None
+    check_bytes_against_analytic(profile, cfg)
+    assert profile["machine"]["cores"] >= 1 and profile["machine"]["cpu"] and profile["machine"]["host"]
+    assert profile["versions"]["torch"] == torch.__version__ and profile["versions"]["backend"] == "gloo"
+    assert not list(run.glob("trace_rank*.json"))
+
+    # The render command draws the same table and picture again from profile.json alone.
+    (run / "profile.png").unlink()
+    assert profiler.main([str(run)]) == 0
+    again = capfd.readouterr().out
+    assert profiler.render_table(profile) in again and (run / "profile.png").stat().st_size > 0
+    assert profiler.main([str(tmp_path / "nowhere")]) == 2
+    assert "profile.enabled=true" in capfd.readouterr().err
+
+
+def test_traced_run_with_fc8_on_column_0(tmp_path):
+    run = run_script(tmp_path, "train.epochs=1", "profile.enabled=true", "profile.trace=true", "model.fc8=rank0")
+    profile = json.loads((run / "profile.json").read_text())
+    cfg = build_config(overrides=[*TINY, "model.fc8=rank0"])
+    check_bytes_against_analytic(profile, cfg)
+    # Steps 4-6 (skip 2, wait 1, warm-up 1, active 2) are traced and left out of the summary.
+    assert profile["steps"]["traced_excluded"] == 3 and profile["steps"]["measured"] == 3
+    assert "fc8" not in profile["ranks"][1]["layers"] and "fc8" in profile["ranks"][0]["layers"]
+    for rank in (0, 1):
+        trace = run / f"trace_rank{rank}.json"
+        assert profile["ranks"][rank]["trace"] == trace.name
+        events = json.loads(trace.read_text())["traceEvents"]
+        names = {e.get("name") for e in events}
+        assert {"exchange:fc8.forward", "exchange:logits.forward", "exchange:conv3.backward"} <= names
+        assert sum(1 for n in names if str(n).startswith("ProfilerStep#")) == 2  # the active steps
