@@ -171,3 +171,25 @@ def test_wrong_number_of_processes_is_refused(monkeypatch, capfd):
         monkeypatch.setenv(key, value)
     assert train_script.main(TINY) == 2
     assert "number of processes must be even" in capfd.readouterr().err
+
+
+def test_trains_on_an_image_folder_as_the_readme_says(tmp_path):
+    """README: --config configs/small.yaml data.dataset=folder data.root=ROOT model.num_classes=N."""
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    colours = {"apple": (200, 30, 30), "leaf": (30, 180, 30), "sky": (40, 60, 220)}
+    for split, count in (("train", 12), ("val", 4)):
+        for name, colour in colours.items():
+            (tmp_path / "imgs" / split / name).mkdir(parents=True)
+            for i in range(count):
+                noise = torch.randint(-40, 40, (90, 100, 3), generator=rng)
+                pixels = (torch.tensor(colour) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "imgs" / split / name / f"{i}.jpg")
+    argv = ["--config", str(ROOT / "configs" / "small.yaml"), "data.dataset=folder",
+            f"data.root={tmp_path / 'imgs'}", "model.num_classes=3", "train.epochs=2", "train.batch_size=6",
+            "data.num_workers=0", "dist.device=cpu", "run.progress=false", f"run.out_dir={tmp_path}", "run.name=f"]
+    assert run_ranks(script_worker, args=(argv,), timeout=180) == {0: 0, 1: 0}
+    records = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["val_top5"] == 1.0  # 3 classes: top-5 holds every class
+    assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs"] == 2
+    assert list((tmp_path / ".cache").glob("*.json")), "PCA statistics were not cached"
