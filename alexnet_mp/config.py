@@ -101,6 +101,9 @@ class DistConfig:
     timeout_s: float = 120.0  # any exchange or collective after the first step
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
+    # Collectives and crossings each rank remembers, dumped to RUN/flight_recorder/ when a peer is
+    # lost (read with torchfrtrace); 0 turns the recorder off.
+    flight_recorder: int = 2000
 
 
 @dataclass
@@ -210,6 +213,7 @@ def _validate(cfg: Config) -> None:
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be at least 1")
     _check(cfg.dist.timeout_s > 0 and cfg.dist.startup_timeout_s > 0, "dist.timeout_s", "timeouts must be positive")
     _check(cfg.dist.threads >= 0, "dist.threads", "must be non-negative")
+    _check(cfg.dist.flight_recorder >= 0, "dist.flight_recorder", "must be non-negative (0 turns it off)")
     p = cfg.profile
     _check(p.trace_wait >= 0 and p.trace_warmup >= 0 and p.trace_active >= 1, "profile.trace_active",
            "trace window needs wait>=0, warmup>=0, active>=1")
