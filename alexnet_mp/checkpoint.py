@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from . import resilience
+
 FORMAT = 1
+COLUMN_FILES = ("column0.pt", "column1.pt")
+MP = 2  # columns per model replica (distributed.MP); a checkpoint holds one file per column
 
 
 class CheckpointError(RuntimeError):
@@ -67,35 +71,42 @@ def save(root: Path, step: int, column: int, payload: dict, manifest: dict, keep
     """Called by both columns of one pair; returns the committed folder.
 
     `payload` is this column's state; `manifest` (trainer state, JSON-able) is
-    written by column 0. Keeps the newest `keep` checkpoints.
+    written by column 0. Keeps the newest `keep` checkpoints. Any write error
+    (a full disk) on either column leaves the earlier checkpoints as they were
+    and raises CheckpointError on both.
     """
     final, tmp = step_dir(root, step), step_dir(root, step).with_suffix(".tmp")
-    if column == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
-        tmp.mkdir(parents=True)
-    dist.barrier(group=mp_group)
     name = f"column{column}.pt"
-    try:
-        write_atomic(tmp / name, lambda f: torch.save(payload, f))
-        outcome = {"file": name, "sha256": sha256(tmp / name)}
-    except OSError as e:
-        outcome = {"error": f"column {column} could not write {tmp / name}: {e}"}
-    outcomes = [None, None]
-    dist.all_gather_object(outcomes, outcome, group=mp_group)  # neither column may commit alone
-    errors = [o["error"] for o in outcomes if "error" in o]
-    if not errors and column == 0:
-        body = dict(manifest, format=FORMAT, step=step, files={o["file"]: o["sha256"] for o in outcomes})
+    mine = []  # this column's errors; every step below joins both columns' lists first
+    if column == 0:
         try:
-            write_atomic(tmp / "manifest.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _fsync_dir(root)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
+            tmp.mkdir(parents=True)
         except OSError as e:
-            errors.append(f"could not commit {final}: {e}")
-        _prune(root, keep)
-    flags = [None, None]
-    dist.all_gather_object(flags, errors, group=mp_group)
-    errors = flags[0] or flags[1]
+            mine.append(f"column 0 could not create {tmp}: {e}")
+    errors = _gather("checkpoint start", mine, mp_group)
+    files = {}
+    if not errors:
+        try:
+            write_atomic(tmp / name, lambda f: torch.save(payload, f))
+            files[name] = sha256(tmp / name)
+        except (OSError, RuntimeError) as e:  # torch's zip writer may wrap the OSError
+            mine.append(f"column {column} could not write {tmp / name}: {e}")
+        outcomes = _gather("checkpoint write", [mine, files], mp_group)  # neither column may commit alone
+        errors = [e for i in (0, 2) for e in outcomes[i]]
+        files = {**outcomes[1], **outcomes[3]}
+    if not errors:
+        if column == 0:
+            body = dict(manifest, format=FORMAT, step=step, files=files)
+            try:
+                write_atomic(tmp / "manifest.json", lambda f: f.write(json.dumps(body, indent=1).encode()))
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                _fsync_dir(root)
+            except OSError as e:
+                mine.append(f"could not commit {final}: {e}")
+            _prune(root, keep)
+        errors = _gather("checkpoint commit", mine, mp_group)
     if errors:
         if column == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +114,14 @@ def save(root: Path, step: int, column: int, payload: dict, manifest: dict, keep
         kept = f"the last good checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"{errors[0]}; {kept}. Free disk space or move run.out_dir, then resume.")
     return final
+
+
+def _gather(what: str, items: list, mp_group) -> list:
+    """Both columns' `items`, column 0's first: both then take the same branch."""
+    both = [None, None]
+    with resilience.guarded(f"{what} (all-gather)", mp_group):
+        dist.all_gather_object(both, items, group=mp_group)
+    return both[0] + both[1]
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -131,7 +150,10 @@ def verify(folder: Path) -> dict:
         raise CheckpointError(f"{manifest_path} is missing or unreadable ({e})") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} has format {manifest.get('format')}, expected {FORMAT}")
-    for name, digest in manifest.get("files", {}).items():
+    unlisted = [name for name in COLUMN_FILES if name not in manifest.get("files", {})]
+    if unlisted:
+        raise CheckpointError(f"{manifest_path} has no checksum for {', '.join(unlisted)}")
+    for name, digest in manifest["files"].items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing")
@@ -160,6 +182,22 @@ def resolve(path: str | Path) -> tuple[Path, dict]:
         raise CheckpointError(f"{path} holds no checkpoint that verifies; give a run directory "
                               f"with checkpoints/ or a checkpoints/step-N folder")
     return found
+
+
+def check_compatible(folder: Path, manifest: dict, model_hash: str) -> None:
+    """Refuse a checkpoint this run cannot continue: another model, or another model-parallel size.
+
+    The data-parallel size may differ: every replica holds the same weights, so a checkpoint
+    (one file per column) loads into any number of replicas.
+    """
+    if manifest["model_hash"] != model_hash:
+        raise CheckpointError(
+            f"{folder} was written for another model config ({manifest['model_hash']} vs "
+            f"{model_hash}); resume with the run's own model.* settings")
+    mp = manifest.get("mp", MP)
+    if mp != MP:
+        raise CheckpointError(f"{folder} was written by {mp} model-parallel columns, this program runs {MP}; "
+                              f"it cannot be loaded here")
 
 
 def load_column(folder: Path, column: int, device="cpu") -> dict:

@@ -106,6 +106,9 @@ class DistConfig:
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
     dp: int = 0  # data-parallel replicas; 0: world size / 2. Set it to have the launch checked
+    # Collectives and crossings each rank remembers, dumped to RUN/flight_recorder/ when a peer is
+    # lost (read with torchfrtrace); 0 turns the recorder off.
+    flight_recorder: int = 2000
 
 
 @dataclass
@@ -218,6 +221,7 @@ def _validate(cfg: Config) -> None:
     _check(cfg.dist.timeout_s > 0 and cfg.dist.startup_timeout_s > 0, "dist.timeout_s", "timeouts must be positive")
     _check(cfg.dist.threads >= 0, "dist.threads", "must be non-negative")
     _check(cfg.dist.dp >= 0, "dist.dp", "must be non-negative (0: world size / 2)")
+    _check(cfg.dist.flight_recorder >= 0, "dist.flight_recorder", "must be non-negative (0 turns it off)")
     p = cfg.profile
     _check(p.skip_steps >= 0, "profile.skip_steps", "must be non-negative")
     _check(p.trace_wait >= 0 and p.trace_warmup >= 0 and p.trace_active >= 1, "profile.trace_active",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -590,10 +591,19 @@ class _Loader:
             raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    # SIGTERM/SIGINT reach the loader's workers too (torchrun signals the whole process group);
+    # the trainer finishes its step and checkpoints first, so the workers must outlive the signal.
+    # They still exit with the trainer (torch's workers watch their parent).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _make_loader(dataset: Dataset, order: np.ndarray, cfg: Config, epoch: int) -> _Loader:
     return _Loader(DataLoader(
         dataset, batch_sampler=_Batches(order, cfg.train.batch_size, epoch),
         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals,
         # Its own generator: otherwise the DataLoader draws its worker seed from the global torch
         # RNG, and the trainer's dropout masks would depend on when loaders were made.
         generator=torch.Generator()))

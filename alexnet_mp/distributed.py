@@ -13,6 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import resilience
 from .config import DistConfig
 from .exchange import PeerLink
 
@@ -64,6 +65,7 @@ class Layout:
     mp_group: object = None
     dp_group: object = None
     mesh: object = None
+    store: object = None  # the launch's store, shared by torchrun's restarts (see resilience.py)
 
     @property
     def column(self) -> int:
@@ -122,9 +124,15 @@ def setup(cfg: DistConfig) -> Layout:
     else:
         # Two processes on a small CPU must not each claim every core.
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    for key, value in resilience.debug_env(backend, cfg.flight_recorder).items():
+        os.environ.setdefault(key, value)  # read when the groups start; the user's own settings win
+    timeout = timedelta(seconds=cfg.startup_timeout_s)
+    launch_store, attempt_store = resilience.attempt_store(rank, dims.world_size, timeout)
     init_kwargs = {"device_id": device} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.startup_timeout_s), **init_kwargs)
-    layout = Layout(dims, rank, local_rank, local_world, device, backend)
+    dist.init_process_group(backend, store=attempt_store, rank=rank, world_size=dims.world_size,
+                            timeout=timeout, **init_kwargs)
+    resilience.set_timeouts(cfg.startup_timeout_s)
+    layout = Layout(dims, rank, local_rank, local_world, device, backend, store=launch_store)
     layout.mesh = dist.device_mesh.init_device_mesh(
         device.type, (dims.dp, dims.mp), mesh_dim_names=("dp", "mp"))
     layout.mp_group = layout.mesh.get_group("mp")

@@ -23,9 +23,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # runs from a plain checkout too
 
-from alexnet_mp import checkpoint, rundir  # noqa: E402
+from alexnet_mp import checkpoint, resilience, rundir  # noqa: E402
 from alexnet_mp.config import ConfigError, build_config, parse_overrides  # noqa: E402
-from alexnet_mp.data import DataError, build_data, eval_loader, train_loader  # noqa: E402
+from alexnet_mp.data import DataError, build_data, dataset_fingerprint, eval_loader, train_loader  # noqa: E402
 from alexnet_mp.distributed import LaunchError, setup, teardown  # noqa: E402
 from alexnet_mp.exchange import PeerError  # noqa: E402
 from alexnet_mp.export import ExportError, load_single_device  # noqa: E402
@@ -70,7 +70,8 @@ def decided_by_main(layout, fn):
             box = [fn(), None]
         except USER_ERRORS as e:
             box = [None, str(e)]
-    dist.broadcast_object_list(box, src=0)
+    with resilience.guarded("broadcast of rank 0's start-up decision"):
+        dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise RunFailed(box[1])
     return box[0]
@@ -81,15 +82,6 @@ def on_main_first(layout, fn):
     kept = []
     decided_by_main(layout, lambda: kept.append(fn()))
     return kept[0] if layout.is_main else fn()
-
-
-def all_finite(loss, model, device) -> bool:
-    """Whether every rank's loss and gradients are finite; all ranks get the same answer."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    ok = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-    flag = torch.tensor([1 if ok else 0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def sum_over_replicas(values: list[float], layout) -> list[float]:
@@ -126,13 +118,26 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
     eval_only = cfg.run.eval_only
     resuming = bool(cfg.run.resume) and not eval_only
 
-    # --- run directory: rank 0 names and creates it, everyone learns the path
+    # --- run directory: rank 0 names and creates it, everyone learns the path. After a restart
+    # by torchrun, the run an earlier attempt started continues from its last good checkpoint.
     def make_run_dir():
         if resuming:
-            return rundir.prepare(cfg, Path(cfg.run.resume), resuming=True)
-        name = cfg.run.name or ("eval-" if eval_only else "") + rundir.default_name()
-        return rundir.prepare(cfg, Path(cfg.run.out_dir) / name, resuming=False)
-    run_path = decided_by_main(layout, make_run_dir)
+            return rundir.prepare(cfg, Path(cfg.run.resume), resuming=True), ""
+        earlier = resilience.recall_run_dir(layout.store)
+        if earlier is not None:
+            found = None if eval_only else checkpoint.latest_good(earlier / "checkpoints")
+            if found is None:
+                rundir.truncate_metrics(earlier, 0)
+            say(f"restart {resilience.restart_count()}: continuing {earlier} "
+                + ("from its last good checkpoint" if found else "from the start (no checkpoint yet)"))
+            return rundir.prepare(cfg, earlier, resuming=True), str(earlier) if found else ""
+        name = (cfg.run.name or resilience.elastic_run_id()
+                or ("eval-" if eval_only else "") + rundir.default_name())
+        path = rundir.prepare(cfg, Path(cfg.run.out_dir) / name, resuming=False)
+        resilience.remember_run_dir(layout.store, path)
+        return path, ""
+    run_path, restart_source = decided_by_main(layout, make_run_dir)
+    resilience.point_flight_recorder(run_path)
 
     # --- data: identical on both columns; rank 0 first so it alone fills the cache
     data = on_main_first(layout, lambda: build_data(cfg, cache_dir=Path(cfg.run.out_dir) / ".cache"))
@@ -152,13 +157,13 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
     start_epoch, start_batch, step, partial = 0, 0, 0, None
 
     # --- where to start: a checkpoint of this run, or a single-device file
-    source = cfg.run.resume if cfg.run.resume else ""
+    source = cfg.run.resume or restart_source
+    skipped = 0  # steps skipped for a non-finite loss or gradient (run.nonfinite=skip)
     if source:
         folder, manifest = checkpoint.resolve(source)
-        if manifest["model_hash"] != cfg.model_hash():
-            raise checkpoint.CheckpointError(
-                f"{folder} was written for another model config ({manifest['model_hash']} vs "
-                f"{cfg.model_hash()}); resume with the run's own model.* settings")
+        checkpoint.check_compatible(folder, manifest, cfg.model_hash())
+        if manifest.get("data_fingerprint", data.fingerprint) != data.fingerprint:
+            say(f"warning: the data set differs from the one {folder} was trained on; continuing with it")
         state = checkpoint.load_column(folder, column, device)
         model.load_state_dict(state["model"])
         if not eval_only:
@@ -173,6 +178,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                     f"epoch {start_epoch + 1} (the checkpoint stopped after {trainer['images_in_epoch']})")
             schedule.load_state_dict(trainer["schedule"])
             partial = trainer.get("partial")
+            skipped = trainer.get("skipped", 0)
             if layout.is_main:
                 rundir.truncate_metrics(run_path, start_epoch)
         say(f"resumed from {folder} (epoch {start_epoch + 1}, batch {start_batch}, step {step})")
@@ -182,12 +188,23 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
         say(f"initialised from {cfg.run.init_from}")
 
     def save_checkpoint(epoch, batch, sums):
-        if layout.dp_rank != 0:  # one copy of each column, from the first replica
-            return
+        if layout.dp_rank == 0:  # one copy of each column, from the first replica
+            write_checkpoint(epoch, batch, sums)
+        if layout.dims.dp > 1:
+            # The other replicas wait for the write here, under the patient start-up timeout,
+            # rather than in the next gradient all-reduce under the short one.
+            groups = (layout.mp_group, layout.dp_group)
+            resilience.set_timeouts(cfg.dist.startup_timeout_s, link, groups)
+            with resilience.guarded("wait for the first replica's checkpoint"):
+                dist.barrier()
+            resilience.set_timeouts(cfg.dist.timeout_s, link, groups)
+
+    def write_checkpoint(epoch, batch, sums):
         manifest = {"config": cfg.to_dict(), "model_hash": cfg.model_hash(), "world_size": layout.dims.world_size,
+                    "mp": layout.dims.mp, "data_fingerprint": data.fingerprint,
                     "classes": data.classes, "mean": data.mean, "std": data.std,
                     "trainer": {"epoch": epoch, "images_in_epoch": batch * global_batch, "step": step,
-                                "schedule": schedule.state_dict(), "partial": sums}}
+                                "schedule": schedule.state_dict(), "partial": sums, "skipped": skipped}}
         payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "dropout_rng": dropout_rng.get_state(), "column": column}
         checkpoint.save(run_path / "checkpoints", step, column, payload, manifest,
@@ -220,9 +237,13 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                         f"({global_batch}); lower train.batch_size")
     say(f"run directory: {run_path}; {steps_per_epoch} steps per epoch; "
         f"{layout.dims.dp} replica(s) x 2 columns on {device}")
-    record, stop = {}, False
+    record, stop, preempted = {}, False, False
     prof.attach(model, link, optimizer, run_path)
     for epoch in range(start_epoch, cfg.train.epochs):
+        if epoch > start_epoch and dataset_fingerprint(cfg) != data.fingerprint:
+            raise DataError(f"the data set changed during the run ({cfg.data.root or cfg.data.dataset}: files "
+                            f"added, removed or modified); the checkpoint of epoch {epoch} is intact. Restore "
+                            f"the data, or resume (run.resume={run_path}) to continue on the new contents")
         lr = schedule.lr(epoch) * lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -238,19 +259,22 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
             logits = net(images)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if not all_finite(loss, model, device):
+            with resilience.guarded("backward (with the data-parallel gradient all-reduce)", layout.dp_group):
+                loss.backward()
+            finite, preempted = resilience.step_verdict(loss, model, device, bool(resilience.stop_requested()))
+            if not finite:
                 where = f"step {step + 1} (epoch {epoch + 1}, batch {batch})"
                 if cfg.run.nonfinite == "error":
                     raise NonFiniteError(f"non-finite loss or gradient at {where}; the weights were not updated "
                                          f"and the last checkpoint is intact; lower train.lr, or set "
                                          f"run.nonfinite=skip to skip such steps")
-                say(f"warning: skipped {where}: non-finite loss or gradient")
-                continue
+                skipped += 1
+                say(f"warning: skipped {where}: non-finite loss or gradient ({skipped} skipped so far)")
+                continue  # a stop request stays raised: the next step stops
             optimizer.step()
             step += 1
-            if step == 1:
-                link.timeout_s = cfg.dist.timeout_s  # start-up is over: fail fast from now on
+            if step == 1:  # start-up is over: fail fast from now on
+                resilience.set_timeouts(cfg.dist.timeout_s, link, (layout.mp_group, layout.dp_group))
             sums["loss"] += loss.item() * len(labels)
             sums["correct"] += int((logits.argmax(1) == labels).sum())
             sums["seen"] += len(labels)
@@ -260,7 +284,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                 elapsed = sums["seconds"] + time.perf_counter() - tick
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
                                 img_s=f"{sums['seen'] * layout.dims.dp / max(elapsed, 1e-9):.0f}")
-            stop = cfg.train.max_steps and step >= cfg.train.max_steps
+            stop = preempted or (cfg.train.max_steps and step >= cfg.train.max_steps)
             if stop or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
                 if batch + 1 < steps_per_epoch:  # at an epoch's end the epoch checkpoint follows
                     save_checkpoint(epoch, batch + 1, dict(sums, seconds=sums["seconds"] + time.perf_counter() - tick))
@@ -268,7 +292,8 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                 break
         bar.close()
         if stop and batch + 1 < steps_per_epoch:
-            say(f"stopped at step {step} (train.max_steps); continue with run.resume={run_path} train.max_steps=0")
+            if not preempted:
+                say(f"stopped at step {step} (train.max_steps); continue with run.resume={run_path} train.max_steps=0")
             break
         sums["seconds"] += time.perf_counter() - tick
         start_batch = 0
@@ -292,8 +317,11 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
         if stop:
             break
 
+    if preempted:
+        say(f"stopped after step {step} on a stop signal (SIGTERM or SIGINT), checkpoint written; "
+            f"continue with run.resume={run_path}")
     records = rundir.read_metrics(run_path) if layout.is_main else []
-    summary = {"run_dir": str(run_path), "epochs": len(records), "steps": step}
+    summary = {"run_dir": str(run_path), "epochs": len(records), "steps": step, "skipped_steps": skipped}
     if records:
         last = records[-1]
         summary.update({k: v for k, v in last.items() if k.startswith("val_")},
@@ -313,10 +341,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        with profiling(cfg, layout) as prof:  # profile.enabled: profile.json and a table at the end
-            train(cfg, layout, prof)
+        with resilience.catch_stop_signals():  # SIGTERM/SIGINT: finish the step, checkpoint, stop
+            with profiling(cfg, layout) as prof:  # profile.enabled: profile.json and a table at the end
+                train(cfg, layout, prof)
     except (*USER_ERRORS, RunFailed, NonFiniteError) as e:
         print(f"error (rank {layout.rank}): {e}", file=sys.stderr)
+        dump = resilience.dump_flight_recorder(layout.rank) if isinstance(e, PeerError) else None
+        if dump:
+            print(f"rank {layout.rank}: flight recorder written to {dump}; read it with torchfrtrace {dump.parent}",
+                  file=sys.stderr)
         return 1
     finally:
         teardown()

@@ -1,0 +1,235 @@
+"""What keeps a days-long run alive, or makes it stop cleanly: lost peers, restarts, preemption.
+
+Lost peers. Every wait on another process has a deadline: generous until the first step has run
+(start-up: compiling, reading caches), short afterwards. The point-to-point crossings enforce it in
+exchange.PeerLink; the collectives (the per-step agreement, checkpoint commits, rank 0's
+decisions) through the process groups' own timeout, which `set_timeouts` shortens. A failure or a
+timeout surfaces as PeerError naming the other ranks and the collective, and the rank dumps its
+flight recorder (the last collectives it saw; on NCCL also the crossings) into the run directory.
+
+Restarts. Under ``torchrun --max-restarts=N`` a dead process makes the agent restart the whole
+group. Each attempt joins its own key space in the agent's store (`attempt_store`): torchrun (2.14)
+hands every attempt the same store, and gloo would otherwise read the dead attempt's addresses and
+fail to connect (2 of 3 restarts failed so in a trial without the prefix). Rank 0 records the run
+directory in the store, so a restarted attempt continues the same run from its last good checkpoint.
+
+Preemption. SIGTERM or SIGINT only raise a flag (`catch_stop_signals`); the flag travels with the
+per-step agreement (`step_verdict`), so every rank stops after the same step, checkpoints and exits.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .exchange import PeerError
+
+# ---------------------------------------------------------------- timeouts and lost peers
+
+_timeout_s = 0.0  # the timeout now in force on this process's groups
+
+
+def set_timeouts(seconds: float, link=None, groups=()) -> None:
+    """Give the default process group, `groups` and `link` this timeout."""
+    global _timeout_s
+    _timeout_s = seconds
+    if link is not None:
+        link.timeout_s = seconds
+    for group in (None, *groups):
+        dist.set_timeout(timedelta(seconds=seconds), group)
+
+
+def _others(group) -> str:
+    me = dist.get_rank()
+    ranks = [r for r in (dist.get_process_group_ranks(group) if group is not None
+                         else range(dist.get_world_size())) if r != me]
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    return f"ranks {', '.join(map(str, ranks))}" if len(ranks) <= 4 else f"the {len(ranks)} other ranks"
+
+
+@contextmanager
+def guarded(what: str, group=None):
+    """Report a collective that failed or passed its timeout as a PeerError naming it and its peers."""
+    try:
+        yield
+    except PeerError:
+        raise
+    except RuntimeError as e:  # gloo and NCCL raise DistBackendError, a RuntimeError
+        raise PeerError(
+            f"rank {dist.get_rank()}: the {what} with {_others(group)} failed or passed its "
+            f"{_timeout_s:.0f} s timeout ({str(e).splitlines()[0] if str(e) else type(e).__name__}). "
+            f"A peer process has probably died or hung: read its log; raise dist.timeout_s if it is "
+            f"only slow.") from e
+
+
+def step_verdict(loss, model, device, stop_requested: bool, group=None) -> tuple[bool, bool]:
+    """(every rank's loss and gradients are finite, some rank was asked to stop), one all-reduce.
+
+    Every rank gets the same answer, so all of them skip, stop or step together.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
+    flags = torch.tensor([int(finite), int(not stop_requested)], device=device)
+    with guarded("per-step agreement (all-reduce of the finite and stop flags)", group):
+        # Waited on here, with the deadline: on NCCL the error would otherwise surface later, at
+        # the first synchronisation, far from its cause.
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group, async_op=True).wait(
+            timeout=timedelta(seconds=_timeout_s))
+    return bool(flags[0]), not bool(flags[1])
+
+
+# ---------------------------------------------------------------- flight recorder
+
+FR_DIR = "flight_recorder"
+
+
+def debug_env(backend: str, entries: int) -> dict:
+    """Environment for torch's flight recorder and NCCL's error handling; set before the groups start.
+
+    The recorder keeps the last `entries` collectives and crossings per rank (0: off). On NCCL the
+    watchdog aborts a failed or timed-out collective instead of hanging (async error handling) and
+    dumps the recorder when it fires.
+    """
+    env = {}
+    if entries:
+        env["TORCH_FR_BUFFER_SIZE"] = str(entries)
+    if backend == "nccl":
+        env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"
+        if entries:
+            env["TORCH_NCCL_TRACE_BUFFER_SIZE"] = str(entries)
+            env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+    return env
+
+
+def point_flight_recorder(run_path: Path) -> Path:
+    """Send this rank's flight-recorder dump to RUN/flight_recorder/rank_<rank>.
+
+    torch reads TORCH_FR_DUMP_TEMP_FILE when it first dumps, so setting it once the run directory
+    is known is early enough. A user's own setting wins.
+    """
+    folder = Path(run_path) / FR_DIR
+    if "TORCH_FR_DUMP_TEMP_FILE" not in os.environ:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = str(folder / "rank_")
+    return folder
+
+
+def dump_flight_recorder(rank: int) -> Path | None:
+    """Write this rank's flight recorder (if on) where point_flight_recorder said; its path or None.
+
+    On NCCL the watchdog dumps by itself on a timeout; on gloo nobody does, so the trainer calls
+    this when a peer is lost.
+    """
+    prefix = os.environ.get("TORCH_FR_DUMP_TEMP_FILE")
+    if not prefix or not int(os.environ.get("TORCH_FR_BUFFER_SIZE", "0") or 0):
+        return None
+    path = Path(f"{prefix}{rank}")
+    if path.exists():  # the NCCL watchdog was first
+        return path
+    try:
+        blob = torch._C._distributed_c10d._dump_fr_trace()  # what torch's own dump writes
+        path.write_bytes(blob)
+    except Exception:  # a private API: best effort, never hide the real error
+        return None
+    return path
+
+
+def describe_flight_recorder(folder: Path, last: int = 8) -> str:
+    """The newest `last` entries of each rank's dump in `folder`, one line each.
+
+    torchfrtrace (torch's analyser) matches NCCL dumps across ranks; this reader also takes the
+    gloo dumps it cannot parse, and a survivor's dump alone.
+    """
+    lines = []
+    for path in sorted(Path(folder).glob("rank_*")):
+        try:
+            entries = pickle.loads(path.read_bytes())["entries"]
+        except Exception as e:  # a foreign or torn file: say so and go on
+            lines.append(f"{path.name}: unreadable ({e})")
+            continue
+        lines.append(f"{path.name}: {len(entries)} entries, newest last")
+        for e in entries[-last:]:
+            ours = [f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in e.get("frames", [])
+                    if "site-packages" not in f["filename"] and "/torch/" not in f["filename"]]
+            group = e.get("process_group", ("?", "?"))
+            lines.append(f"  {e.get('profiling_name', '?'):<20} group {group[0]} ({group[1]}) "
+                         f"seq {e.get('collective_seq_id', '?')}/{e.get('p2p_seq_id', '?')} "
+                         f"{e.get('state', '?'):<9} sizes {e.get('input_sizes', '?')} at {' < '.join(ours[:3]) or '?'}")
+    return "\n".join(lines) or f"{folder}: no rank_* dumps"
+
+
+# ---------------------------------------------------------------- restarts
+
+RUN_DIR_KEY = "alexnet_mp/run_dir"  # in the agent's store, outside the per-attempt key spaces
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this group (0 for the first attempt, or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_run_id() -> str:
+    """torchrun's rendezvous id when it names this launch (random with --standalone), else ''."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return "" if run_id in ("", "none") else run_id
+
+
+def attempt_store(rank: int, world_size: int, timeout: timedelta):
+    """(the launch's store, this attempt's view of it) for init_process_group."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return store, dist.PrefixStore(f"alexnet_mp/attempt-{restart_count()}", store)
+
+
+def remember_run_dir(store, path: Path) -> None:
+    if store is not None:
+        store.set(RUN_DIR_KEY, str(path))
+
+
+def recall_run_dir(store) -> Path | None:
+    """The run directory an earlier attempt of this launch recorded, if any."""
+    if store is None or restart_count() == 0 or not store.check([RUN_DIR_KEY]):
+        return None
+    return Path(store.get(RUN_DIR_KEY).decode())
+
+
+# ---------------------------------------------------------------- preemption
+
+_stop_signal = ""  # name of the first stop signal received, '' while none
+
+
+def stop_requested() -> str:
+    """The name of the stop signal this process received ('' if none)."""
+    return _stop_signal
+
+
+def _on_stop_signal(signum, frame) -> None:
+    # Only a flag: the step in flight must finish on every rank before anyone stops. Repeats change
+    # nothing; a process that takes too long is SIGKILLed by torchrun (--shutdown-timeout).
+    global _stop_signal
+    _stop_signal = _stop_signal or signal.Signals(signum).name
+
+
+@contextmanager
+def catch_stop_signals(signals=(signal.SIGTERM, signal.SIGINT)):
+    """Turn SIGTERM/SIGINT into a request to stop after the current step; restored on exit."""
+    global _stop_signal
+    _stop_signal = ""
+    previous = {s: signal.signal(s, _on_stop_signal) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+if __name__ == "__main__":  # python -m alexnet_mp.resilience RUN/flight_recorder
+    import sys
+
+    print(describe_flight_recorder(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(".")))

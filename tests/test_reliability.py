@@ -1,0 +1,437 @@
+"""Reliability: lost peers, restarts, preemption, checkpoints you can trust, numerical faults, bad input.
+
+Faults are injected from the test side: by patching the trainer's functions inside the spawned
+ranks (run_ranks), or, under a real torchrun, through tests/fault_driver.py.
+"""
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from alexnet_mp import checkpoint, resilience
+from alexnet_mp.config import ConfigError, build_config
+from alexnet_mp.distributed import setup
+from alexnet_mp.exchange import PeerError
+from alexnet_mp.rundir import RunDirError, load_run_config
+from harness import free_port, run_ranks
+from test_train import TINY, final_weights, run_script, train_script
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 3  # dist.timeout_s in the lost-peer tests
+
+
+def assert_same_weights(got, expected):
+    for c in (0, 1):
+        assert got[c].keys() == expected[c].keys()
+        for key, value in expected[c].items():
+            assert torch.equal(got[c][key], value), f"column {c} {key}"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Final weights of an uninterrupted TINY run (2 epochs, 16 steps)."""
+    return final_weights(run_script(tmp_path_factory.mktemp("straight"), name="straight"))
+
+
+def torchrun(fault, step, rank, *overrides, restarts=0):
+    """launch/train.py under a real torchrun, with tests/fault_driver.py's fault at (step, rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(ROOT / "tests" / "fault_driver.py"), fault, str(step), str(rank),
+           *TINY, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ---------------------------------------------------------------- restart and preemption
+
+
+def test_sigkill_mid_exchange_restarts_and_ends_with_the_uninterrupted_weights(tmp_path, straight):
+    out_dir = tmp_path / "runs"
+    # Rank 1 dies in step 5's fc6 backward exchange; checkpoints exist at steps 2 and 4.
+    proc = torchrun("kill", 5, 1, f"run.out_dir={out_dir}", "run.checkpoint_every=2", restarts=1)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "backward exchange with the peer, rank 1" in log and "exitcode: -9" in log  # killed mid-exchange
+    [run] = [p for p in out_dir.iterdir() if not p.name.startswith(".")]  # one run, kept across restarts
+    assert "restart 1: continuing" in log and f"resumed from {run / 'checkpoints' / 'step-000000004'}" in log
+    assert_same_weights(final_weights(run), straight)
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_sigterm_stops_both_ranks_after_the_step_with_a_checkpoint_and_the_next_start_resumes(tmp_path, straight):
+    # Rank 0 signals the torchrun agent in step 3, as a scheduler would; the agent forwards SIGTERM
+    # to both workers (and their data-loader processes).
+    proc = torchrun("term", 3, 0, f"run.out_dir={tmp_path}", "run.name=pre", "data.num_workers=1",
+                    f"dist.timeout_s=30")
+    log = proc.stdout + proc.stderr
+    assert "stopped after step 3 on a stop signal" in log, log[-3000:]
+    assert "error (rank" not in log and "exited unexpectedly" not in log
+    folder, manifest = checkpoint.latest_good(tmp_path / "pre" / "checkpoints")
+    assert folder.name == "step-000000003" and manifest["trainer"]["step"] == 3
+    run_script(tmp_path, f"run.resume={tmp_path / 'pre'}", name="unused")
+    assert_same_weights(final_weights(tmp_path / "pre"), straight)
+
+
+def test_stop_signals_only_raise_a_flag_and_handlers_come_back():
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with resilience.catch_stop_signals():
+        assert resilience.stop_requested() == ""
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while not resilience.stop_requested() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat (torchrun forwards Ctrl-C again) changes nothing
+        time.sleep(0.1)
+        assert resilience.stop_requested() == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_each_restart_gets_its_own_keys_and_finds_the_first_attempts_run(monkeypatch, tmp_path):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    launch, first = resilience.attempt_store(0, 1, timedelta(seconds=10))
+    first.set("rank_0", "address of a process that is about to die")
+    resilience.remember_run_dir(launch, tmp_path / "run")
+    assert resilience.recall_run_dir(launch) is None  # the first attempt starts a new run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    second = dist.PrefixStore(f"alexnet_mp/attempt-{resilience.restart_count()}", launch)
+    assert not second.check(["rank_0"]) and first.check(["rank_0"])
+    assert resilience.recall_run_dir(launch) == tmp_path / "run"
+
+
+# ---------------------------------------------------------------- lost peers
+
+
+def hang(done: Path) -> None:
+    """Stay alive and silent until the survivor has finished (it writes `done`)."""
+    deadline = time.monotonic() + 60
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os._exit(0)
+
+
+def hang_in_step_worker(rank, argv, done):
+    """Rank 1 stops answering just before step 2's agreement."""
+    real, calls, began = resilience.step_verdict, [0], [0.0]
+
+    def verdict(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            began[0] = time.monotonic()
+            if rank == 1:
+                hang(Path(done))
+        return real(*args, **kwargs)
+
+    resilience.step_verdict = verdict
+    code = train_script.main(argv)
+    Path(done).touch()
+    return code, time.monotonic() - began[0]
+
+
+def test_hung_peer_in_a_collective_ends_the_survivor_within_the_timeout(tmp_path, capfd):
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=hang", f"dist.timeout_s={TIMEOUT_S}"]
+    code, seconds = run_ranks(hang_in_step_worker, args=(argv, str(tmp_path / "done")), wait_for=[0], timeout=120)[0]
+    err = capfd.readouterr().err
+    assert code == 1 and seconds < TIMEOUT_S + 10
+    assert "per-step agreement" in err and "with rank 1" in err and f"{TIMEOUT_S} s timeout" in err
+    # The survivor's flight recorder names the collective it was stuck in, and where it was called.
+    dump = tmp_path / "hang" / "flight_recorder" / "rank_0"
+    assert f"flight recorder written to {dump}" in err
+    newest = pickle.loads(dump.read_bytes())["entries"][-1]
+    assert newest["profiling_name"].endswith("all_reduce")
+    assert any(f["name"] == "step_verdict" for f in newest["frames"])
+    text = resilience.describe_flight_recorder(dump.parent)
+    assert "rank_0" in text and "all_reduce" in text.splitlines()[-1] and "step_verdict" in text.splitlines()[-1]
+
+
+def hang_in_checkpoint_worker(rank, root, done):
+    layout = setup(build_config(overrides=TINY).dist)
+    resilience.set_timeouts(TIMEOUT_S, None, (layout.mp_group, layout.dp_group))
+    if rank == 1:
+        hang(Path(done))
+    began, error = time.monotonic(), None
+    try:
+        checkpoint.save(Path(root), 1, layout.column, {"w": torch.ones(1)}, {}, 1, layout.mp_group)
+    except PeerError as e:
+        error = str(e)
+    Path(done).touch()
+    return error, time.monotonic() - began
+
+
+def test_hung_peer_in_a_checkpoint_commit_ends_the_survivor_within_the_timeout(tmp_path):
+    error, seconds = run_ranks(hang_in_checkpoint_worker, args=(str(tmp_path / "ckpt"), str(tmp_path / "done")),
+                               wait_for=[0], timeout=60)[0]
+    assert error is not None and "checkpoint start" in error and "rank 1" in error
+    assert seconds < TIMEOUT_S + 10
+    assert checkpoint.committed(tmp_path / "ckpt") == []  # nothing half-written counts as a checkpoint
+
+
+def test_nccl_error_handling_and_flight_recorder_are_switched_on_before_start():
+    env = resilience.debug_env("nccl", 2000)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == env["TORCH_FR_BUFFER_SIZE"] == "2000"
+    assert resilience.debug_env("gloo", 2000) == {"TORCH_FR_BUFFER_SIZE": "2000"}
+    assert resilience.debug_env("nccl", 0) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+
+
+# ---------------------------------------------------------------- numerical faults
+
+
+def fault_worker(rank, argv, faults):
+    """Run the trainer with faults {rank: {attempt: "loss" | "grad"}}; attempt counts training steps tried.
+
+    Returns the exit code, this column's weights when it stopped and its optimiser step count.
+    """
+    mine, counts, kept = faults.get(rank, {}), {"loss": 0, "verdict": 0, "steps": 0}, {}
+    real_loss, real_verdict, real_build = (torch.nn.functional.cross_entropy, resilience.step_verdict,
+                                           train_script.build_column)
+
+    def loss_fn(*args, **kwargs):
+        counts["loss"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if mine.get(counts["loss"]) == "loss" else loss
+
+    def verdict(loss, model, *args, **kwargs):
+        counts["verdict"] += 1
+        if mine.get(counts["verdict"]) == "grad":
+            next(model.parameters()).grad.view(-1)[0] = float("inf")  # one element of one gradient
+        return real_verdict(loss, model, *args, **kwargs)
+
+    def build(*args, **kwargs):
+        kept["model"] = real_build(*args, **kwargs)
+        return kept["model"]
+
+    real_step = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        counts["steps"] += 1
+        return real_step(self, *args, **kwargs)
+
+    torch.nn.functional.cross_entropy, resilience.step_verdict = loss_fn, verdict
+    train_script.build_column, torch.optim.SGD.step = build, step
+    code = train_script.main(argv)
+    return code, {k: v.clone() for k, v in kept["model"].state_dict().items()}, counts["steps"]
+
+
+def test_nan_loss_on_one_rank_stops_both_before_the_update(tmp_path, capfd):
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=nan", "run.checkpoint_every=1", "run.keep_checkpoints=5"]
+    results = run_ranks(fault_worker, args=(argv, {1: {3: "loss"}}), timeout=120)
+    assert [results[r][0] for r in (0, 1)] == [1, 1]
+    assert "non-finite loss or gradient at step 3 (epoch 1, batch 2)" in capfd.readouterr().err
+    folder, manifest = checkpoint.latest_good(tmp_path / "nan" / "checkpoints")
+    assert folder.name == "step-000000002"  # nothing written after the fault
+    for c in (0, 1):  # the weights in memory are those of step 2: the optimiser never ran on step 3
+        assert results[c][2] == 2
+        saved = checkpoint.load_column(folder, c)["model"]
+        assert all(torch.equal(results[c][1][k], v) for k, v in saved.items())
+
+
+def test_skipped_nonfinite_steps_are_counted_and_never_reach_the_weights(tmp_path, capfd):
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=skip", "run.nonfinite=skip", "train.epochs=1"]
+    # An infinite gradient on rank 0 in the 2nd step tried, a NaN loss on rank 1 in the 5th.
+    results = run_ranks(fault_worker, args=(argv, {0: {2: "grad"}, 1: {5: "loss"}}), timeout=120)
+    assert [results[r][0] for r in (0, 1)] == [0, 0]
+    assert [results[r][2] for r in (0, 1)] == [6, 6]  # 8 batches, 2 skipped, on both ranks alike
+    out = capfd.readouterr().out
+    assert "skipped step 2 (epoch 1, batch 1)" in out and "skipped step 4 (epoch 1, batch 4)" in out
+    summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    folder, manifest = checkpoint.latest_good(tmp_path / "skip" / "checkpoints")
+    assert manifest["trainer"]["step"] == 6 and manifest["trainer"]["skipped"] == 2
+    for c in (0, 1):
+        assert all(torch.isfinite(v).all() for v in checkpoint.load_column(folder, c)["model"].values())
+
+
+# ---------------------------------------------------------------- bad input while running
+
+
+def changing_data_worker(rank, argv, root):
+    """Rank 0 adds a training image while epoch 1 is being evaluated."""
+    real = train_script.evaluate
+
+    def evaluate(*args, **kwargs):
+        if rank == 0 and not (Path(root) / "train" / "c0" / "late.png").exists():
+            _image(Path(root) / "train" / "c0" / "late.png", 7)
+        return real(*args, **kwargs)
+
+    train_script.evaluate = evaluate
+    return train_script.main(argv)
+
+
+def _image(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (72, 72, 3), dtype=np.uint8)).save(path)
+
+
+def test_a_data_folder_that_changes_between_epochs_stops_the_run(tmp_path, capfd):
+    root = tmp_path / "data"
+    for k in range(5):
+        for i in range(4):
+            _image(root / "train" / f"c{k}" / f"{i}.png", 10 * k + i)
+        _image(root / "val" / f"c{k}" / "v.png", 100 + k)
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=data", "data.dataset=folder", f"data.root={root}"]
+    assert run_ranks(changing_data_worker, args=(argv, str(root)), timeout=120) == {0: 1, 1: 1}
+    err = capfd.readouterr().err
+    assert f"the data set changed during the run ({root}" in err and "epoch 1 is intact" in err
+    folder, manifest = checkpoint.latest_good(tmp_path / "data" / "checkpoints")
+    assert manifest["trainer"]["epoch"] == 1
+
+
+class FullDisk(io.RawIOBase):
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+def full_disk_worker(rank, argv):
+    """Column 1's second checkpoint file meets a full disk."""
+    opened = [0]
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if rank == 1 and str(path).endswith("column1.pt.part"):
+            opened[0] += 1
+            if opened[0] == 2:
+                return FullDisk()
+        return open(path, mode, *args, **kwargs)
+
+    checkpoint.open = fake_open
+    return train_script.main(argv)
+
+
+def test_a_full_disk_while_saving_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, capfd):
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=full", "run.checkpoint_every=2", "train.epochs=1"]
+    assert run_ranks(full_disk_worker, args=(argv,), timeout=120) == {0: 1, 1: 1}
+    err = capfd.readouterr().err
+    assert "No space left on device" in err and "the last good checkpoint, step-000000002, is intact" in err
+    root = tmp_path / "full" / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-000000002"]  # no half-written step-4 left behind
+    assert checkpoint.latest_good(root)[1]["trainer"]["step"] == 2
+
+
+# ---------------------------------------------------------------- checkpoints you can trust
+
+
+def fake_checkpoint(root: Path, step: int) -> Path:
+    """A committed checkpoint in the trainer's format, written without process groups."""
+    folder = checkpoint.step_dir(root, step)
+    folder.mkdir(parents=True)
+    files = {}
+    for c in (0, 1):
+        torch.save({"model": {"w": torch.full((64,), float(step))}}, folder / f"column{c}.pt")
+        files[f"column{c}.pt"] = checkpoint.sha256(folder / f"column{c}.pt")
+    manifest = {"format": checkpoint.FORMAT, "step": step, "model_hash": "m", "files": files}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _truncate(folder):
+    path = folder / "column1.pt"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _flip_a_byte(folder):
+    data = bytearray((folder / "column0.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "column0.pt").write_bytes(bytes(data))
+
+
+def _edit_manifest(folder, edit):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+DAMAGE = {
+    "truncated file": (_truncate, "does not match its checksum"),
+    "corrupted bytes": (_flip_a_byte, "does not match its checksum"),
+    "missing manifest": (lambda f: (f / "manifest.json").unlink(), "missing or unreadable"),
+    "torn manifest": (lambda f: (f / "manifest.json").write_text('{"format": 1, "fi'), "missing or unreadable"),
+    "checksum of the wrong file": (lambda f: _edit_manifest(f, lambda m: m["files"].update(
+        {"column1.pt": m["files"]["column0.pt"]})), "does not match its checksum"),
+    "a column missing from the manifest": (lambda f: _edit_manifest(f, lambda m: m["files"].pop("column1.pt")),
+                                           "no checksum for column1.pt"),
+    "a missing column file": (lambda f: (f / "column0.pt").unlink(), "column0.pt is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_checkpoint_is_detected_and_the_previous_good_one_used(tmp_path, damage):
+    root = tmp_path / "run" / "checkpoints"
+    fake_checkpoint(root, 2)
+    newest = fake_checkpoint(root, 4)
+    spoil, words = DAMAGE[damage]
+    spoil(newest)
+    warnings = []
+    folder, manifest = checkpoint.latest_good(root, warn=warnings.append)
+    assert folder.name == "step-000000002" and manifest["step"] == 2
+    assert len(warnings) == 1 and "step-000000004" in warnings[0] and words in warnings[0]
+    assert checkpoint.resolve(tmp_path / "run")[0] == folder  # what run.resume=RUN loads
+    with pytest.raises(checkpoint.CheckpointError, match=f"{words}|no checkpoint that verifies"):
+        checkpoint.resolve(newest)  # named explicitly, a damaged checkpoint is an error
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return os.makedirs, (self.target,)
+
+
+def test_loading_refuses_pickled_code_even_with_a_valid_checksum(tmp_path):
+    folder = fake_checkpoint(tmp_path, 1)
+    torch.save({"model": Exploit(str(tmp_path / "pwned"))}, folder / "column0.pt")
+    _edit_manifest(folder, lambda m: m["files"].update({"column0.pt": checkpoint.sha256(folder / "column0.pt")}))
+    checkpoint.verify(folder)
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
+        checkpoint.load_column(folder, 0)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_leftover_tmp_folder_is_not_a_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    (tmp_path / "step-000000004.tmp").mkdir()  # a crash mid-write
+    assert [p.name for p in checkpoint.committed(tmp_path)] == ["step-000000002"]
+
+
+def test_checkpoints_from_another_model_or_model_parallel_size_are_refused():
+    folder = Path("runs/x/checkpoints/step-000000002")
+    manifest = {"model_hash": "m", "world_size": 2, "mp": 2}
+    checkpoint.check_compatible(folder, manifest, "m")
+    checkpoint.check_compatible(folder, dict(manifest, world_size=8), "m")  # any data-parallel size loads
+    with pytest.raises(checkpoint.CheckpointError, match="another model config"):
+        checkpoint.check_compatible(folder, manifest, "other")
+    with pytest.raises(checkpoint.CheckpointError, match="4 model-parallel columns"):
+        checkpoint.check_compatible(folder, dict(manifest, world_size=4, mp=4), "m")
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_yaml_with_python_tags_is_refused_without_running_anything(tmp_path):
+    target = tmp_path / "pwned"
+    evil = f"train:\n  epochs: !!python/object/apply:os.makedirs ['{target}']\n"
+    (tmp_path / "evil.yaml").write_text(evil)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(tmp_path / "evil.yaml")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(evil)
+    with pytest.raises(RunDirError, match="not a valid config"):
+        load_run_config(tmp_path / "run")
+    assert not target.exists()
+    with pytest.raises(ConfigError, match="dist.flight_recorder"):
+        build_config(overrides=["dist.flight_recorder=-1"])
