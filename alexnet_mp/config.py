@@ -95,12 +95,21 @@ class RunConfig:
     progress: bool = True
 
 
+# Measured by `make bench` (docs/bench.md): see the comment there.
+OVERLAP_DEFAULT = True
+
+
 @dataclass
 class DistConfig:
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     timeout_s: float = 120.0  # any exchange or collective after the first step
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
+    # Speed only, never results (so not in the model hash): compute each crossing
+    # layer's own half while the exchange is in flight (alexnet_mp/overlap.py).
+    overlap: bool = OVERLAP_DEFAULT
+    amp: str = "off"  # "bf16": autocast; activations cross in bf16 (half the bytes). For GPUs
+    channels_last: bool = False  # NHWC convolutions and wire layout; for GPUs with tensor cores
 
 
 @dataclass
@@ -143,6 +152,7 @@ CHOICES = {
     "train.schedule": ("step", "plateau"),
     "run.nonfinite": ("error", "skip"),
     "dist.device": ("auto", "cpu", "cuda"),
+    "dist.amp": ("off", "bf16"),
 }
 
 

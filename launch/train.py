@@ -129,7 +129,8 @@ def train(cfg, layout) -> dict:
 
     # --- model, optimiser, schedule
     link = layout.link(cfg.dist.startup_timeout_s)  # generous until the first step has run
-    model = build_column(cfg.model, column, link, cfg.train.seed, device)
+    model = build_column(cfg.model, column, link, cfg.train.seed, device, overlap=cfg.dist.overlap,
+                         amp=cfg.dist.amp, channels_last=cfg.dist.channels_last)
     dropout_rng = dropout_generator(cfg.train.seed, device)
     model.set_dropout_generator(dropout_rng)
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
