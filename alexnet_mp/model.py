@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .config import ModelConfig, spatial_sizes
 from .exchange import (BroadcastFromFirst, ExchangeWithFirst, GatherFromPeer, GatherOutput,
                        GatherToFirst, PeerLink)
+from .lrn import LocalResponseNorm
 from .overlap import CrossingLayer, compute_dtype, op_for
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -104,7 +105,8 @@ class _AlexNetBase(nn.Module):
         super().__init__()
         self.cfg = cfg
         lrn = cfg.lrn
-        self.lrn = nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
+        # torch.nn.LocalResponseNorm's function, a few times faster (lrn.py).
+        self.lrn = LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
 
     def set_dropout_generator(self, generator: torch.Generator) -> None:
         for m in self.modules():

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # runs from a plain checkout too
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import report  # noqa: E402
-from alexnet_mp.config import OVERLAP_DEFAULT, build_config, config_from_dict  # noqa: E402
+from alexnet_mp.config import DistConfig, build_config, config_from_dict  # noqa: E402
 from alexnet_mp.exchange import PeerLink  # noqa: E402
 from alexnet_mp.model import build_column, build_reference, dropout_generator, param_groups  # noqa: E402
 from alexnet_mp.summary import analytic_bytes, forward_macs, param_count  # noqa: E402
@@ -54,7 +54,7 @@ PRESETS = {
         description="Full: the paper's network (227 px crops, 96-256-384-384-256 maps, 4096-unit fc6/fc7, "
                     "1000 classes, 61.0M parameters); meant for two GPUs."),
     "quick": dict(
-        overrides=["model.crop_size=131"], repeats=3, warmup=1, steps=2, matmul_n=2048, matmul_s=1.0,
+        overrides=["model.crop_size=131"], repeats=5, warmup=1, steps=2, matmul_n=2048, matmul_s=1.0,
         sweep_max=64 * MiB, sweep_iters=100,
         description="Quick: the paper's widths and classes (96-256-384-384-256 maps, 4096-unit fc6/fc7, "
                     "1000 classes) on 131 px crops instead of 227 (maps 31-15-7-3 instead of 55-27-13-6: "
@@ -145,7 +145,7 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
             model = model.to(memory_format=torch.channels_last)
     model.set_dropout_generator(dropout_generator(SEED, device))
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                momentum=cfg.train.momentum)
+                                momentum=cfg.train.momentum, fused=True)
     if mode == "ddp":  # each process half of the batch, gradients all-reduced
         images, labels = images.chunk(2)[rank], labels.chunk(2)[rank]
         model = torch.nn.parallel.DistributedDataParallel(
@@ -377,7 +377,7 @@ def assemble(args, preset_name: str, preset: dict, cfg, device_type: str, measur
         cells.append(report.summarise_run(raw, batch, flops_per_image, peak))
     single = CUDA_SINGLE if device_type == "cuda" else CPU_SINGLE
     report.add_relative(cells, single, single[0])
-    mp_mode = "mp-overlap" if OVERLAP_DEFAULT else "mp"
+    mp_mode = "mp-overlap" if DistConfig().overlap else "mp"
     ratios = report.compute_ratios(cells, mp_mode, single)
     now = datetime.datetime.now()
     return {
@@ -398,7 +398,7 @@ def assemble(args, preset_name: str, preset: dict, cfg, device_type: str, measur
         "params": param_count(cfg.model),
         "settings": {"batches": list(args.batches), "repeats": args.repeats, "warmup": args.warmup,
                      "steps": args.steps, "amp": args.amp, "channels_last": args.channels_last,
-                     "matmul_n": preset["matmul_n"], "overlap_default": OVERLAP_DEFAULT},
+                     "matmul_n": preset["matmul_n"], "overlap_default": DistConfig().overlap},
         "ratios": ratios,
         "ratio_basis": report.ratio_basis(cells, mp_mode),
         "targets": report.check_targets(ratios),
@@ -441,9 +441,11 @@ def main(argv=None) -> int:
     if device_type == "cuda" and torch.cuda.device_count() < 2:
         print("error: the two-process modes need two GPUs; use --device cpu", file=sys.stderr)
         return 2
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     measured = measure(args, preset, cfg, device_type)
     result = assemble(args, preset_name, preset, cfg, device_type, measured)
+    # Other work on the machine shows up as spread: say how busy it was.
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}
     result["seconds"] = time.perf_counter() - started
     paths = report.write(result, Path(args.out))
     print(report.render_markdown(result))

@@ -62,6 +62,8 @@ def summarise_run(raw: dict, batch: int, flops_per_image: float, peak_flops: flo
         analytic = sum(r["analytic_sent"] + r["analytic_recv"] for r in every)
         cell.update(
             exposed_comm_share=statistics.fmean(r["comm_seconds"] / sum(r["times"]) for r in every),
+            exposed_comm_share_per_rank=[statistics.fmean(ranks[i]["comm_seconds"] / sum(ranks[i]["times"])
+                                                          for ranks in raw["repeats"]) for i in range(n_ranks)],
             # What crosses the wire per step: both columns' sends.
             bytes_per_step=sum(r["sent"] for r in every) / len(raw["repeats"]),
             # Sent and received by both, against summary.analytic_bytes.
@@ -134,6 +136,11 @@ def check_targets(ratios: dict) -> dict:
 # ------------------------------------------------------------------ files
 
 
+def _load(result: dict, when: str) -> str:
+    load = result.get("load_average", {}).get(when)
+    return f"{load[0]:.1f}" if load else "?"
+
+
 def _opt(value, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -154,7 +161,8 @@ def render_markdown(result: dict) -> str:
         f"batches {', '.join(map(str, s['batches']))}; {s['repeats']} repeats x {s['steps']} timed steps "
         f"after {s['warmup']} warm-up; amp {s['amp']}, channels_last {s['channels_last']}; "
         f"{result['forward_macs_per_image'] / 1e6:.1f}M forward MACs and {result['params'] / 1e6:.1f}M "
-        f"parameters per network.",
+        f"parameters per network. Run time {result.get('seconds', 0):.0f} s; load average (1 min) "
+        f"{_load(result, 'before')} before, {_load(result, 'after')} after.",
         "",
         "| mode | batch | proc x thr | images/s | step ms (spread) | vs best single | scaling eff. | "
         "exposed comm | bytes/step (meas./analytic) | peak MiB per rank (above idle) | GFLOP/s | % of mm peak |",
@@ -172,7 +180,7 @@ def render_markdown(result: dict) -> str:
     for key, t in result["targets"].items():
         value = "not measured" if t["value"] is None else f"{t['value']:.3f}"
         lines.append(f"| {key} | {value} | {t['target']} | {({True: 'yes', False: 'no'}).get(t['met'], '-')} |")
-    lines += ["", "Matrix-multiply peak (fp32 torch.mm, "
+    lines += ["", f"Matrix-multiply peak ({'bf16' if s['amp'] == 'bf16' else 'fp32'} torch.mm, "
               f"n={s['matmul_n']}, best of the repeats): "
               + "; ".join(f"{k} {v['peak'] / 1e9:.1f} GFLOP/s" for k, v in result["matmul_peak"].items()),
               "", f"Point-to-point exchange ({result['backend']}, both directions at once, as at a crossing):",
