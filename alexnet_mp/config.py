@@ -101,11 +101,11 @@ class DistConfig:
     timeout_s: float = 120.0  # any exchange or collective after the first step
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
-    # The keys below change speed, never the function computed (so they are not
-    # in the model hash). overlap: compute each crossing layer's own half while
-    # the exchange is in flight (alexnet_mp/overlap.py). On by default: the same
-    # arithmetic as the plain path, and `make bench` measured it halving the
-    # time held up in exchanges (docs/bench.md).
+    # How the columns run, not what they compute (so not in the model hash).
+    # overlap: compute each crossing layer's own half while the exchange is in
+    # flight (alexnet_mp/overlap.py). On by default: the same arithmetic as the
+    # plain path, less time held up in exchanges in most `make bench` runs, and
+    # the design that hides transfers on GPUs (docs/bench.md).
     overlap: bool = True
     # "bf16": autocast to bfloat16; activations cross in bf16 (half the bytes).
     # For GPUs, and CPUs with bf16 matrix units; results then differ at bf16 precision.
