@@ -109,6 +109,16 @@ class DistConfig:
     # Collectives and crossings each rank remembers, dumped to RUN/flight_recorder/ when a peer is
     # lost (read with torchfrtrace); 0 turns the recorder off.
     flight_recorder: int = 2000
+    # How the columns run, not what they compute (so not in the model hash).
+    # overlap: compute each crossing layer's own half while the exchange is in
+    # flight (alexnet_mp/overlap.py). On by default: the same arithmetic as the
+    # plain path, less time held up in exchanges in most `make bench` runs, and
+    # the design that hides transfers on GPUs (docs/bench.md).
+    overlap: bool = True
+    # "bf16": autocast to bfloat16; activations cross in bf16 (half the bytes).
+    # For GPUs, and CPUs with bf16 matrix units; results then differ at bf16 precision.
+    amp: str = "off"
+    channels_last: bool = False  # NHWC convolutions and wire layout; for GPUs with tensor cores
 
 
 @dataclass
@@ -153,6 +163,7 @@ CHOICES = {
     "train.lr_scaling": ("none", "linear"),
     "run.nonfinite": ("error", "skip"),
     "dist.device": ("auto", "cpu", "cuda"),
+    "dist.amp": ("off", "bf16"),
 }
 
 

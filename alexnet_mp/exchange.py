@@ -64,6 +64,9 @@ class PeerLink:
         self.timeout_s = timeout_s
         self.stats = CommStats()
         self.observer = None  # the profiler's hook: observer(key, seconds, sent, recv)
+        # Layout of 4-D tensors on the wire; both columns must use the same one
+        # (build_column sets channels_last when the model runs in it).
+        self.memory_format = torch.contiguous_format
 
     def in_column_order(self, own: torch.Tensor, peer: torch.Tensor) -> torch.Tensor:
         return torch.cat([own, peer] if self.column == 0 else [peer, own], dim=1)
@@ -78,32 +81,96 @@ class PeerLink:
     def exchange(self, send: torch.Tensor | None, recv_shape, like: torch.Tensor,
                  crossing: str, phase: str) -> torch.Tensor | None:
         """Send `send` to the peer and/or receive a tensor of `recv_shape`, then wait."""
-        ops, recv = [], None
+        return self.start(send, recv_shape, like, crossing, phase).wait()
+
+    def start(self, send: torch.Tensor | None, recv_shape, like: torch.Tensor,
+              crossing: str, phase: str) -> "PendingExchange":
+        """Post the send and/or the receive and return at once; `.wait()` finishes it.
+
+        Between the two, the caller computes what does not need the peer's data
+        (the overlapped crossings of `overlap.py`). One exchange at a time: the
+        pair matches messages in the order they are posted.
+        """
+        # The wire carries dense row-major tensors (a view would send garbage).
+        # With channels_last, 4-D tensors travel as (N, H, W, C), so NHWC
+        # activations cross without a layout conversion on either side.
+        ops, recv, received = [], None, None
         if send is not None:
-            send = send.contiguous()  # the wire format is dense; views would send garbage
+            send = (send.permute(0, 2, 3, 1) if self.nhwc(send.dim()) else send).contiguous()
             ops.append(dist.P2POp(dist.isend, send, self.peer_rank, self.group))
         if recv_shape is not None:
-            recv = torch.empty(recv_shape, dtype=like.dtype, device=like.device)
+            n, *rest = recv_shape
+            nhwc = self.nhwc(len(recv_shape))
+            recv = torch.empty((n, *rest[1:], rest[0]) if nhwc else recv_shape, dtype=like.dtype,
+                               device=like.device)
+            received = recv.permute(0, 3, 1, 2) if nhwc else recv
             ops.append(dist.P2POp(dist.irecv, recv, self.peer_rank, self.group))
+        posted = time.perf_counter()
+        try:
+            # On NCCL this makes the communication stream wait for the current
+            # stream, so the send reads finished activations.
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as e:
+            raise self._peer_error(crossing, phase, e) from e
+        return PendingExchange(self, works, send, recv, received, crossing, phase, time.perf_counter() - posted)
+
+    def nhwc(self, ndim: int) -> bool:
+        return ndim == 4 and self.memory_format == torch.channels_last
+
+    def _peer_error(self, crossing: str, phase: str, e: Exception) -> PeerError:
+        return PeerError(
+            f"rank {dist.get_rank()} (column {self.column}): the {crossing} {phase} exchange with the "
+            f"peer, rank {self.peer_rank} (column {1 - self.column}), failed or passed its "
+            f"{self.timeout_s:.0f} s timeout ({str(e).splitlines()[0]}). The peer process has "
+            f"probably died or hung: read its log; raise dist.timeout_s if it is only slow.")
+
+
+class PendingExchange:
+    """An exchange in flight, from `PeerLink.start`. It keeps the send buffer
+    alive until `wait`, which gloo needs (it reads the buffer in the
+    background) and which spares NCCL a record_stream.
+    """
+
+    def __init__(self, link: PeerLink, works, send, recv, received, crossing: str, phase: str,
+                 post_seconds: float):
+        self.link, self.works, self.send, self.recv, self.received = link, works, send, recv, received
+        self.crossing, self.phase, self.post_seconds = crossing, phase, post_seconds
+
+    def wait(self) -> torch.Tensor | None:
+        """Finish the exchange; return the received tensor (or None).
+
+        The seconds recorded are the time this process was held up: posting plus
+        waiting, not the time the bytes were in flight behind other work.
+
+        gloo: the host waits, at most the link's timeout. CUDA (NCCL): the
+        current stream waits for the communication stream, and the host goes
+        on queueing work. A timeout there would make NCCL poll on the host
+        (sleeping a millisecond at a time) until the transfer ends, which
+        stalls the queue that overlap.py keeps full; a hung peer is caught by
+        NCCL's watchdog after the process group's timeout instead. So the host
+        seconds are near zero on GPUs; the profiler's CUDA trace shows the
+        device side.
+        """
+        link = self.link
+        on_device = any(t is not None and t.is_cuda for t in (self.send, self.recv))
         start = time.perf_counter()
         try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            for work in self.works:
+                if on_device:
+                    work.wait()
+                else:
+                    work.wait(timeout=timedelta(seconds=link.timeout_s))
         except RuntimeError as e:
-            raise PeerError(
-                f"rank {dist.get_rank()} (column {self.column}): the {crossing} {phase} exchange with the "
-                f"peer, rank {self.peer_rank} (column {1 - self.column}), failed or passed its "
-                f"{self.timeout_s:.0f} s timeout ({str(e).splitlines()[0]}). The peer process has "
-                f"probably died or hung: read its log; raise dist.timeout_s if it is only slow."
-            ) from e
-        seconds = time.perf_counter() - start
-        sent = send.numel() * send.element_size() if send is not None else 0
-        got = recv.numel() * recv.element_size() if recv is not None else 0
-        key = f"{crossing}.{phase}"
-        self.stats.record(key, sent, got, seconds)
-        if self.observer is not None:
-            self.observer(key, seconds, sent, got)
-        return recv
+            raise link._peer_error(self.crossing, self.phase, e) from e
+        seconds = self.post_seconds + time.perf_counter() - start
+        sent = self.send.numel() * self.send.element_size() if self.send is not None else 0
+        got = self.recv.numel() * self.recv.element_size() if self.recv is not None else 0
+        key = f"{self.crossing}.{self.phase}"
+        link.stats.record(key, sent, got, seconds)
+        if link.observer is not None:
+            link.observer(key, seconds, sent, got)
+        self.send = None  # the buffer may be freed now
+        return self.received
 
 
 class GatherFromPeer(torch.autograd.Function):

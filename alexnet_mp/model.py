@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from .config import ModelConfig, spatial_sizes
 from .exchange import (BroadcastFromFirst, ExchangeWithFirst, GatherFromPeer, GatherOutput,
                        GatherToFirst, PeerLink)
+from .lrn import LocalResponseNorm
+from .overlap import CrossingLayer, compute_dtype, op_for
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # Layers that read both columns' outputs, i.e. where the columns exchange.
@@ -107,7 +109,8 @@ class _AlexNetBase(nn.Module):
         super().__init__()
         self.cfg = cfg
         lrn = cfg.lrn
-        self.lrn = nn.LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
+        # torch.nn.LocalResponseNorm's function, a few times faster (lrn.py).
+        self.lrn = LocalResponseNorm(lrn.size, lrn.alpha, lrn.beta, lrn.k)
 
     def set_dropout_generator(self, generator: torch.Generator, replica: int = 0, replicas: int = 1) -> None:
         for m in self.modules():
@@ -146,39 +149,77 @@ class AlexNetReference(_AlexNetBase):
 
 
 class AlexNetColumn(_AlexNetBase):
-    """One column of the pair. `forward` returns the full logits on both columns."""
+    """One column of the pair. `forward` returns the full logits on both columns.
 
-    def __init__(self, cfg: ModelConfig, column: int, link: PeerLink | None):
+    Runtime options (the dist.* config keys; they change speed, not results):
+    `overlap` computes each crossing layer's own half while the exchange is in
+    flight (overlap.py); `amp`="bf16" runs under bf16 autocast, so activations
+    cross in bf16 (half the bytes); `channels_last` runs the convolutions, and
+    sends 4-D activations, in NHWC.
+    """
+
+    def __init__(self, cfg: ModelConfig, column: int, link: PeerLink | None, overlap: bool = False,
+                 amp: str = "off", channels_last: bool = False):
         super().__init__(cfg)
-        self.column, self.link = column, link
+        self.column, self.link, self.overlap = column, link, overlap
+        self.amp, self.channels_last = amp, channels_last
         for spec in layer_specs(cfg):
             start, end = column_range(cfg, spec.name, column)
             if end > start:  # column 1 holds no fc8 when fc8 lives on column 0
                 setattr(self, spec.name, _make_layer(spec, end - start, columns=1))
         self.drop6 = SharedDropout(cfg.dropout, cfg.fc_width, column_range(cfg, "fc6", column))
         self.drop7 = SharedDropout(cfg.dropout, cfg.fc_width, column_range(cfg, "fc7", column))
+        if link is not None and channels_last:
+            link.memory_format = torch.channels_last  # the wire layout follows the model's
+
+    def wire(self, act):
+        """The activations as they cross: in the autocast dtype, if autocast is on.
+
+        Autocast leaves LRN and pooling outputs in fp32; casting here keeps
+        bf16 on the wire and is what the crossing layer would do anyway.
+        """
+        return act.to(compute_dtype(act))
 
     def gather(self, act_shard, crossing):
-        return GatherFromPeer.apply(act_shard, self.link, crossing)
+        return GatherFromPeer.apply(self.wire(act_shard), self.link, crossing)
+
+    def cross(self, layer, act_shard, crossing):
+        """`layer` applied to both columns' activations."""
+        if self.overlap:
+            return CrossingLayer.apply(act_shard, layer.weight, layer.bias, op_for(layer), self.link,
+                                       crossing, True)
+        return layer(self.gather(act_shard, crossing))
 
     def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.amp == "bf16"):
+            logits = self.features_and_classifier(x)
+        return logits.float()  # the loss and softmax in fp32
+
+    def features_and_classifier(self, x):
         x = self.pool(self.lrn(F.relu(self.conv1(x))))
         x = self.pool(self.lrn(F.relu(self.conv2(x))))
-        x = F.relu(self.conv3(self.gather(x, "conv3")))
+        x = F.relu(self.cross(self.conv3, x, "conv3"))
         x = F.relu(self.conv4(x))
         x = self.pool(F.relu(self.conv5(x)))
-        x = self.drop6(F.relu(self.fc6(self.gather(x.flatten(1), "fc6"))))
-        x = self.drop7(F.relu(self.fc7(self.gather(x, "fc7"))))
+        x = self.drop6(F.relu(self.cross(self.fc6, x.flatten(1), "fc6")))
+        x = self.drop7(F.relu(self.cross(self.fc7, x, "fc7")))
         return self.classify(x)
 
     def classify(self, act_shard):
         if self.cfg.fc8 == "split":
-            logits_shard = self.fc8(self.gather(act_shard, "fc8"))
+            logits_shard = self.cross(self.fc8, act_shard, "fc8")
             start, end = column_range(self.cfg, "fc8", 1 - self.column)
             return GatherOutput.apply(logits_shard, end - start, self.link)
-        if self.column == 0:
-            return BroadcastFromFirst.apply(self.fc8(GatherToFirst.apply(act_shard, self.link)), self.link)
-        return ExchangeWithFirst.apply(act_shard, self.cfg.num_classes, self.link)
+        if self.column == 1:
+            return ExchangeWithFirst.apply(self.wire(act_shard), self.cfg.num_classes, self.link)
+        if self.overlap:
+            logits = CrossingLayer.apply(act_shard, self.fc8.weight, self.fc8.bias, op_for(self.fc8),
+                                         self.link, "fc8", False)
+        else:
+            logits = self.fc8(GatherToFirst.apply(self.wire(act_shard), self.link))
+        return BroadcastFromFirst.apply(logits, self.link)
 
 
 # ------------------------------------------------------------------ weights
@@ -230,10 +271,14 @@ def merge_states(column_states: list[dict], cfg: ModelConfig) -> dict[str, torch
 
 
 def build_column(cfg: ModelConfig, column: int, link: PeerLink | None, seed: int,
-                 device: torch.device | str = "cpu") -> AlexNetColumn:
-    model = AlexNetColumn(cfg, column, link)
+                 device: torch.device | str = "cpu", overlap: bool = False, amp: str = "off",
+                 channels_last: bool = False) -> AlexNetColumn:
+    """One column with its share of the reference's initial weights; the
+    keyword options are AlexNetColumn's (the dist.* config keys)."""
+    model = AlexNetColumn(cfg, column, link, overlap=overlap, amp=amp, channels_last=channels_last)
     model.load_state_dict(split_state(init_reference_state(cfg, seed), cfg, column))
-    return model.to(device)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def build_reference(cfg: ModelConfig, seed: int, device: torch.device | str = "cpu") -> AlexNetReference:

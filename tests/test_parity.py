@@ -5,6 +5,10 @@ reference's grouped convolutions may be evaluated by other kernels in another
 order, so results agree to rounding, not bit for bit:
 logits and gradients rtol=1e-4, atol=1e-5; weights after 5 SGD steps rtol=1e-4,
 atol=1e-6 (weights start at ~1e-1 scale and move by ~lr * grad).
+
+Each spawned pair runs every VARIANT of the column (the dist.* speed options),
+and every variant must reproduce the reference: the overlapped crossings sum
+the same terms in another order, so the same tolerances hold.
 """
 import time
 
@@ -24,6 +28,15 @@ LOGIT_TOL = dict(rtol=1e-4, atol=1e-5)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-5)
 WEIGHT_TOL = dict(rtol=1e-4, atol=1e-6)
 BATCH, STEPS = 6, 5
+# build_column's speed options; none may change the results.
+VARIANTS = {
+    "plain": {},
+    "overlap": {"overlap": True},
+    "channels_last": {"channels_last": True},
+    "overlap_channels_last": {"overlap": True, "channels_last": True},
+}
+# bf16 autocast changes the rounding, not the function: a loose check, plus the bytes.
+AMP_TOL = dict(rtol=5e-2, atol=5e-2)
 
 
 def small_cfg(*extra):
@@ -68,24 +81,39 @@ def drop_peer_gradient(ctx, grad_full):
     return grad_own, None, None
 
 
-def pair_worker(rank, overrides, broken_backward=False):
+def one_step_bytes(model, cfg, link):
+    """One training step's traffic, for the byte count."""
+    link.stats.reset()
+    images, labels = batch_for(cfg, 0)
+    logits = model(images)
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), {k: {"sent": v["sent"], "recv": v["recv"]} for k, v in link.stats.as_dict().items()}
+
+
+def pair_worker(rank, overrides, variants, broken_backward=False):
     cfg = small_cfg(*overrides)
     layout = setup(cfg.dist)
-    link = layout.link(timeout_s=60)
     if broken_backward:
         GatherFromPeer.backward = staticmethod(drop_peer_gradient)
-    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
-    images, labels = batch_for(cfg, 0)
-    F.cross_entropy(model(images), labels).backward()  # one step's traffic, for the byte count
-    bytes_one_step = link.stats.as_dict()
-    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
-    out = train_sequence(model, cfg)
-    out["bytes"] = {k: {"sent": v["sent"], "recv": v["recv"]} for k, v in bytes_one_step.items()}
-    return out
+    results = {}
+    for name in variants:
+        link = layout.link(timeout_s=60)  # a fresh link: channels_last sets its wire layout
+        model = build_column(cfg.model, layout.column, link, cfg.train.seed, **VARIANTS[name])
+        _, bytes_one_step = one_step_bytes(model, cfg, link)
+        model = build_column(cfg.model, layout.column, link, cfg.train.seed, **VARIANTS[name])
+        results[name] = dict(train_sequence(model, cfg), bytes=bytes_one_step)
+    if not broken_backward:
+        for overlap in (False, True):
+            link = layout.link(timeout_s=60)
+            model = build_column(cfg.model, layout.column, link, cfg.train.seed, overlap=overlap, amp="bf16")
+            model.set_dropout_generator(dropout_generator(cfg.train.seed, "cpu"))  # the reference's masks
+            logits, bytes_one_step = one_step_bytes(model, cfg, link)
+            results[f"amp_overlap={overlap}"] = {"logits": logits, "bytes": bytes_one_step}
+    return results
 
 
-def run_pair_and_reference(overrides, broken_backward=False):
-    results = run_ranks(pair_worker, args=(overrides, broken_backward), timeout=120)
+def run_pair_and_reference(overrides, variants=tuple(VARIANTS), broken_backward=False):
+    results = run_ranks(pair_worker, args=(overrides, variants, broken_backward), timeout=120)
     cfg = small_cfg(*overrides)
     ref = train_sequence(build_reference(cfg.model, cfg.train.seed), cfg)
     return cfg, results, ref
@@ -96,44 +124,62 @@ def pair_run(request):
     return run_pair_and_reference([f"model.fc8={request.param}"])
 
 
-def test_logits_match_reference(pair_run):
+def analytic(cfg, rank, element_size=4):
+    return {k: v for k, v in analytic_bytes(cfg.model, BATCH, rank, element_size).items() if v["sent"] or v["recv"]}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_match_reference(pair_run, variant):
     _, results, ref = pair_run
     for rank in (0, 1):  # both columns hold the full logits
-        torch.testing.assert_close(results[rank]["logits"], ref["logits"], **LOGIT_TOL)
-        torch.testing.assert_close(results[rank]["eval_logits"], ref["eval_logits"], **LOGIT_TOL)
+        torch.testing.assert_close(results[rank][variant]["logits"], ref["logits"], **LOGIT_TOL)
+        torch.testing.assert_close(results[rank][variant]["eval_logits"], ref["eval_logits"], **LOGIT_TOL)
     # Dropout was on and did drop units: train and eval logits differ.
     assert not torch.allclose(ref["logits"], ref["eval_logits"], **LOGIT_TOL)
 
 
-def test_gradients_match_reference(pair_run):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradients_match_reference(pair_run, variant):
     cfg, results, ref = pair_run
-    grads = merge_states([results[0]["grads"], results[1]["grads"]], cfg.model)
+    grads = merge_states([results[0][variant]["grads"], results[1][variant]["grads"]], cfg.model)
     assert grads.keys() == ref["grads"].keys()
     for name, g in ref["grads"].items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[name], g, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_weights_match_after_sgd_steps(pair_run):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weights_match_after_sgd_steps(pair_run, variant):
     cfg, results, ref = pair_run
-    weights = merge_states([results[0]["weights"], results[1]["weights"]], cfg.model)
+    weights = merge_states([results[0][variant]["weights"], results[1][variant]["weights"]], cfg.model)
     start = build_reference(cfg.model, cfg.train.seed).state_dict()
     for name, w in ref["weights"].items():
         assert not torch.equal(w, start[name]), f"{name} did not move"
         torch.testing.assert_close(weights[name], w, **WEIGHT_TOL, msg=lambda m: f"{name}: {m}")
 
 
-def test_bytes_per_step_equal_analytic_count(pair_run):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bytes_per_step_equal_analytic_count(pair_run, variant):
     cfg, results, _ = pair_run
     for rank in (0, 1):
-        expected = {k: v for k, v in analytic_bytes(cfg.model, BATCH, rank).items() if v["sent"] or v["recv"]}
-        assert results[rank]["bytes"] == expected
+        assert results[rank][variant]["bytes"] == analytic(cfg, rank)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bf16_autocast_halves_the_bytes_and_keeps_the_logits(pair_run, overlap):
+    cfg, results, ref = pair_run
+    for rank in (0, 1):
+        amp = results[rank][f"amp_overlap={overlap}"]
+        assert amp["bytes"] == analytic(cfg, rank, element_size=2)
+        assert amp["logits"].dtype == torch.float32  # the loss is taken in fp32
+        torch.testing.assert_close(amp["logits"], ref["logits"], **AMP_TOL)
+        assert not torch.equal(amp["logits"], results[rank]["plain"]["logits"])  # bf16 did round
 
 
 def test_gradient_check_has_teeth():
     """With the peer's gradient dropped at every crossing, the comparison must fail."""
-    cfg, results, ref = run_pair_and_reference(["model.fc8=split"], broken_backward=True)
-    grads = merge_states([results[0]["grads"], results[1]["grads"]], cfg.model)
+    cfg, results, ref = run_pair_and_reference(["model.fc8=split"], ["plain"], broken_backward=True)
+    grads = merge_states([results[0]["plain"]["grads"], results[1]["plain"]["grads"]], cfg.model)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(grads["conv1.weight"], ref["grads"]["conv1.weight"], **GRAD_TOL)
     # Layers after the last crossing see no exchange in backward and still agree.
