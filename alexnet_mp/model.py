@@ -12,6 +12,7 @@ layouts is slicing and concatenating dim 0 of each weight and bias.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -171,6 +172,14 @@ class AlexNetColumn(_AlexNetBase):
         self.drop7 = SharedDropout(cfg.dropout, cfg.fc_width, column_range(cfg, "fc7", column))
         if link is not None and channels_last:
             link.memory_format = torch.channels_last  # the wire layout follows the model's
+        if overlap:
+            # Overlapped crossing layers take this column's shard and exchange inside
+            # their own forward, so module hooks (the profiler's) still see the layer.
+            for name in CROSSINGS:
+                if hasattr(self, name):
+                    mutual = not (name == "fc8" and cfg.fc8 == "rank0")
+                    getattr(self, name).forward = functools.partial(self.overlapped, getattr(self, name),
+                                                                    name, mutual)
 
     def wire(self, act):
         """The activations as they cross: in the autocast dtype, if autocast is on.
@@ -183,11 +192,13 @@ class AlexNetColumn(_AlexNetBase):
     def gather(self, act_shard, crossing):
         return GatherFromPeer.apply(self.wire(act_shard), self.link, crossing)
 
+    def overlapped(self, layer, crossing, mutual, act_shard):
+        return CrossingLayer.apply(act_shard, layer.weight, layer.bias, op_for(layer), self.link, crossing, mutual)
+
     def cross(self, layer, act_shard, crossing):
         """`layer` applied to both columns' activations."""
         if self.overlap:
-            return CrossingLayer.apply(act_shard, layer.weight, layer.bias, op_for(layer), self.link,
-                                       crossing, True)
+            return layer(act_shard)
         return layer(self.gather(act_shard, crossing))
 
     def forward(self, x):
@@ -215,8 +226,7 @@ class AlexNetColumn(_AlexNetBase):
         if self.column == 1:
             return ExchangeWithFirst.apply(self.wire(act_shard), self.cfg.num_classes, self.link)
         if self.overlap:
-            logits = CrossingLayer.apply(act_shard, self.fc8.weight, self.fc8.bias, op_for(self.fc8),
-                                         self.link, "fc8", False)
+            logits = self.fc8(act_shard)
         else:
             logits = self.fc8(GatherToFirst.apply(self.wire(act_shard), self.link))
         return BroadcastFromFirst.apply(logits, self.link)

@@ -489,23 +489,43 @@ class Profiler:
                 self.events[-1][3] = self.clock.now()
 
     def _wrap_exchange(self, link) -> None:
-        """Time (and, when tracing, label) every exchange of this link while attached."""
-        inner, tracing = link.exchange, self.cfg.profile.trace
+        """Time (and, when tracing, label) every exchange of this link while attached.
 
-        def exchange(send, recv_shape, like, crossing, phase):
+        Every exchange, plain or overlapped, is a `link.start` whose `wait` is where
+        this rank is held up, so the wait is what is timed. A forward stage the wait
+        interrupts resumes after it (an overlapped crossing layer computes on both
+        sides of its wait); in backward, the crossing layer's work before the wait
+        counts as that layer's backward.
+        """
+        inner_start, tracing = link.start, self.cfg.profile.trace
+
+        def start(send, recv_shape, like, crossing, phase):
+            pending = inner_start(send, recv_shape, like, crossing, phase)
             if not self.timing:
-                return inner(send, recv_shape, like, crossing, phase)
-            key = f"{crossing}.{phase}"
-            start = self.clock.now()
-            self._close_stage(start)
-            with torch.profiler.record_function(f"exchange:{key}") if tracing else nullcontext():
-                out = inner(send, recv_shape, like, crossing, phase)
-            self.cursor = self.clock.now()
-            self.events.append(["comm", key, start, self.cursor])
-            return out
+                return pending
+            inner_wait, key = pending.wait, f"{crossing}.{phase}"
 
-        link.exchange = exchange
-        self.undo.append(lambda: vars(link).pop("exchange", None))
+            def wait():
+                begin = self.clock.now()
+                interrupted = self.open_stage
+                self._close_stage(begin)
+                if (interrupted is None and self.cursor is not None and phase == "backward"
+                        and hasattr(self.model, crossing)):
+                    self.events.append(["backward", crossing, self.cursor, begin])
+                with torch.profiler.record_function(f"exchange:{key}") if tracing else nullcontext():
+                    out = inner_wait()
+                self.cursor = self.clock.now()
+                self.events.append(["comm", key, begin, self.cursor])
+                if interrupted is not None:
+                    self.open_stage = [interrupted[0], interrupted[1], self.cursor, None]
+                    self.events.append(self.open_stage)
+                return out
+
+            pending.wait = wait
+            return pending
+
+        link.start = start
+        self.undo.append(lambda: vars(link).pop("start", None))
 
 
 # ------------------------------------------------------------------ summary (pure: records in, figures out)
