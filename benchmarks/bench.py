@@ -256,7 +256,8 @@ def worker(rank: int, port: int, device_type: str, tasks, results) -> None:
     else:
         torch.set_num_threads(1)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=900))
+                            timeout=datetime.timedelta(seconds=900),
+                            **({"device_id": device} if device.type == "cuda" else {}))
     while (task := tasks.get()) is not None:
         try:
             results.put((rank, "ok", TASKS[task["kind"]](task, rank, device)))

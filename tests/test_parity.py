@@ -186,11 +186,11 @@ def test_gradient_check_has_teeth():
     torch.testing.assert_close(grads["fc8.weight"], ref["grads"]["fc8.weight"], **GRAD_TOL)
 
 
-def lost_peer_worker(rank, how, timeout_s):
+def lost_peer_worker(rank, how, timeout_s, overlap):
     cfg = small_cfg()
     layout = setup(cfg.dist)
     link = layout.link(timeout_s=timeout_s)
-    model = build_column(cfg.model, layout.column, link, cfg.train.seed)
+    model = build_column(cfg.model, layout.column, link, cfg.train.seed, overlap=overlap)
     if rank == 1:
         if how == "dead":
             import os
@@ -204,10 +204,10 @@ def lost_peer_worker(rank, how, timeout_s):
     return {"error": None, "seconds": time.monotonic() - start}
 
 
-@pytest.mark.parametrize("how", ["dead", "hung"])
-def test_lost_peer_gives_clear_error_within_timeout(how):
+@pytest.mark.parametrize("how,overlap", [("dead", False), ("hung", False), ("dead", True)])
+def test_lost_peer_gives_clear_error_within_timeout(how, overlap):
     timeout_s = 3.0
-    result = run_ranks(lost_peer_worker, args=(how, timeout_s), wait_for=[0], timeout=60)[0]
+    result = run_ranks(lost_peer_worker, args=(how, timeout_s, overlap), wait_for=[0], timeout=60)[0]
     assert result["error"] is not None, "the forward pass should have failed"
     assert "rank 1" in result["error"] and "conv3 forward exchange" in result["error"]
     assert result["seconds"] < timeout_s + 10
