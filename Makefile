@@ -25,6 +25,7 @@ train: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py --quick
+	$(PY) benchmarks/profiler_overhead.py
 
 summary: $(STAMP)
 	$(PY) -m alexnet_mp.summary

@@ -25,7 +25,7 @@ fault, at_step, at_rank = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 me = int(os.environ["RANK"])
 verdicts = 0  # training steps finished so far (one agreement per step)
 
-real_verdict, real_exchange = resilience.step_verdict, PeerLink.exchange
+real_verdict, real_start = resilience.step_verdict, PeerLink.start
 
 
 def step_verdict(loss, model, device, stop_requested, group=None):
@@ -40,13 +40,14 @@ def step_verdict(loss, model, device, stop_requested, group=None):
     return real_verdict(loss, model, device, stop_requested, group)
 
 
-def exchange(self, send, recv_shape, like, crossing, phase):
+def start(self, send, recv_shape, like, crossing, phase):
+    # Every exchange, plain or overlapped (dist.overlap), is posted through PeerLink.start.
     if (fault == "kill" and me == at_rank and resilience.restart_count() == 0
             and verdicts + 1 == at_step and (crossing, phase) == ("fc6", "backward")):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_exchange(self, send, recv_shape, like, crossing, phase)
+    return real_start(self, send, recv_shape, like, crossing, phase)
 
 
 resilience.step_verdict = step_verdict
-PeerLink.exchange = exchange
+PeerLink.start = start
 sys.exit(train.main(sys.argv[4:]))
