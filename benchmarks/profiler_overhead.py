@@ -1,6 +1,6 @@
 """What profiling in summary mode costs: the profiler attached and detached every few steps of one run.
 
-    python benchmarks/profiler_overhead.py [--blocks 40] [--block-steps 8]
+    python benchmarks/profiler_overhead.py [--blocks 100] [--block-steps 6]
 
 Two processes train the small config's pair (configs/small.yaml) on the built-in
 data; every other block of steps runs with the profiler attached (hooks,
@@ -83,8 +83,8 @@ def worker(rank: int, port: int, blocks: int, block_steps: int, out_dir: str, re
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, default=40, help="blocks of steps, alternating off/on")
-    parser.add_argument("--block-steps", type=int, default=8)
+    parser.add_argument("--blocks", type=int, default=100, help="blocks of steps, alternating off/on")
+    parser.add_argument("--block-steps", type=int, default=6)
     args = parser.parse_args(argv)
     import socket
     with socket.socket() as s:
