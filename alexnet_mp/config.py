@@ -113,7 +113,7 @@ class DistConfig:
     # overlap: compute each crossing layer's own half while the exchange is in
     # flight (alexnet_mp/overlap.py). On by default: the same arithmetic as the
     # plain path, less time held up in exchanges in most `make bench` runs, and
-    # the design that hides transfers on GPUs (docs/bench.md).
+    # the design that hides transfers on GPUs (README, "Benchmarks").
     overlap: bool = True
     # "bf16": autocast to bfloat16; activations cross in bf16 (half the bytes).
     # For GPUs, and CPUs with bf16 matrix units; results then differ at bf16 precision.

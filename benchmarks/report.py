@@ -1,7 +1,7 @@
 """The benchmark's bookkeeping: from raw timings to the table, the ratios, the files.
 
 No measuring here, so the tests can feed it made-up timings. Definitions (also
-in docs/bench.md):
+in README, "Benchmarks"):
 
 * step time: per repeat, the mean of its timed steps; the table gives the median
   over repeats and the spread (max - min) / median.

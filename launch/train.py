@@ -151,7 +151,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
     dropout_rng = dropout_generator(cfg.train.seed, device)
     model.set_dropout_generator(dropout_rng, layout.dp_rank, layout.dims.dp)
     # fused: one pass over the weights per step, the same numbers as the default
-    # loop and a quarter of its time on CPU (docs/bench.md).
+    # loop and a quarter of its time on CPU (README, "Benchmarks").
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, fused=True)
     schedule = LRSchedule(cfg.train)
