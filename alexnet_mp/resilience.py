@@ -175,12 +175,6 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
-def elastic_run_id() -> str:
-    """torchrun's rendezvous id when it names this launch (random with --standalone), else ''."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return "" if run_id in ("", "none") else run_id
-
-
 def attempt_store(rank: int, world_size: int, timeout: timedelta):
     """(the launch's store, this attempt's view of it) for init_process_group."""
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))

@@ -131,8 +131,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
             say(f"restart {resilience.restart_count()}: continuing {earlier} "
                 + ("from its last good checkpoint" if found else "from the start (no checkpoint yet)"))
             return rundir.prepare(cfg, earlier, resuming=True), str(earlier) if found else ""
-        name = (cfg.run.name or resilience.elastic_run_id()
-                or ("eval-" if eval_only else "") + rundir.default_name())
+        name = cfg.run.name or ("eval-" if eval_only else "") + rundir.default_name()
         path = rundir.prepare(cfg, Path(cfg.run.out_dir) / name, resuming=False)
         resilience.remember_run_dir(layout.store, path)
         return path, ""
