@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -591,19 +590,20 @@ class _Loader:
             raise DataError(lines[-1].split("DataError: ", 1)[-1]) from None
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    # SIGTERM/SIGINT reach the loader's workers too (torchrun signals the whole process group);
-    # the trainer finishes its step and checkpoints first, so the workers must outlive the signal.
-    # They still exit with the trainer (torch's workers watch their parent).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _own_process_group(worker_id: int) -> None:
+    # torchrun stops a training process by signalling its whole process group, and Ctrl-C
+    # signals the terminal's; the trainer then finishes its step and checkpoints, so its
+    # loader's workers must outlive the signal. In a group of their own they do, yet a
+    # signal sent to the worker itself (the loader's shutdown) still ends it, and torch's
+    # workers still exit when their parent dies.
+    os.setpgrp()
 
 
 def _make_loader(dataset: Dataset, order: np.ndarray, cfg: Config, epoch: int) -> _Loader:
     return _Loader(DataLoader(
         dataset, batch_sampler=_Batches(order, cfg.train.batch_size, epoch),
         num_workers=cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-        worker_init_fn=_ignore_stop_signals,
+        worker_init_fn=_own_process_group,
         # Its own generator: otherwise the DataLoader draws its worker seed from the global torch
         # RNG, and the trainer's dropout masks would depend on when loaders were made.
         generator=torch.Generator()))
