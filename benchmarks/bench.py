@@ -68,6 +68,9 @@ PRESETS = {
 }
 CPU_SINGLE, CUDA_SINGLE = ("single-1t", "single-all"), ("single",)
 MP_MODES = ("mp", "mp-overlap")
+# Data parallel x model parallel: 2 replicas of the overlapped pair on 4 processes, measured after
+# the 2-process modes in a pool of its own (same run, same data, same global batch).
+DP_MP_MODE = ("dp2xmp2", 4, 1, 4)
 SEED = 0
 
 
@@ -130,7 +133,7 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
     """Time `steps` training steps of one mode after `warmup` untimed ones."""
     cfg = config_from_dict(task["config"])
     mode, batch, amp, channels_last = task["mode"], task["batch"], task["amp"], task["channels_last"]
-    pair = mode in MP_MODES or mode == "ddp"
+    pair = mode in MP_MODES or mode in ("ddp", DP_MP_MODE[0])
     if device.type == "cpu":
         torch.set_num_threads(task["threads"])
     images, labels = synthetic_batch(cfg.model, batch, device)
@@ -139,18 +142,28 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         link = PeerLink(rank, 1 - rank, None, timeout_s=600)
         model = build_column(cfg.model, rank, link, SEED, device, overlap=mode == "mp-overlap", amp=amp,
                              channels_last=channels_last)
+    elif mode == DP_MP_MODE[0]:  # ranks 2i, 2i+1: pair i; each pair half the global batch
+        column, replica = rank % 2, rank // 2
+        mp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        link = PeerLink(column, rank ^ 1, mp_groups[replica], timeout_s=600)
+        model = build_column(cfg.model, column, link, SEED, device, overlap=True, amp=amp,
+                             channels_last=channels_last)
+        images, labels = images.chunk(2)[replica], labels.chunk(2)[replica]
     else:
         model = build_reference(cfg.model, SEED, device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
     model.set_dropout_generator(dropout_generator(SEED, device))
+    if mode == DP_MP_MODE[0]:
+        model = torch.nn.parallel.DistributedDataParallel(model, process_group=dp_groups[column])
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, fused=True)
     if mode == "ddp":  # each process half of the batch, gradients all-reduced
         images, labels = images.chunk(2)[rank], labels.chunk(2)[rank]
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    reference_model = mode not in MP_MODES  # the columns cast and reformat themselves
+    reference_model = mode not in (*MP_MODES, DP_MP_MODE[0])  # the columns cast and reformat themselves
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and reference_model)
 
     def step():
@@ -187,7 +200,8 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
     out = {"times": times, "peak_mib": peak, "above_idle_mib": above_idle}
     if link is not None:
         element_size = 2 if amp == "bf16" else 4
-        analytic = analytic_bytes(cfg.model, batch, rank, element_size).values()
+        pair_batch = batch // 2 if mode == DP_MP_MODE[0] else batch
+        analytic = analytic_bytes(cfg.model, pair_batch, rank % 2, element_size).values()
         steps = task["steps"]
         out.update(comm_seconds=sum(link.stats.seconds.values()),
                    sent=sum(v["sent"] for v in link.stats.bytes.values()) / steps,
@@ -248,14 +262,14 @@ def sweep_task(task: dict, rank: int, device: torch.device) -> dict:
 TASKS = {"train": train_task, "matmul": matmul_task, "sweep": sweep_task}
 
 
-def worker(rank: int, port: int, device_type: str, tasks, results) -> None:
+def worker(rank: int, port: int, device_type: str, tasks, results, world_size: int = 2) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(1)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=2,
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=900),
                             **({"device_id": device} if device.type == "cuda" else {}))
     while (task := tasks.get()) is not None:
@@ -268,17 +282,17 @@ def worker(rank: int, port: int, device_type: str, tasks, results) -> None:
 
 
 class Workers:
-    """Two long-lived worker processes and a way to hand them tasks."""
+    """Long-lived worker processes (two, or four for the 2 x 2 mode) and a way to hand them tasks."""
 
-    def __init__(self, device_type: str):
+    def __init__(self, device_type: str, count: int = 2):
         ctx = mp.get_context("spawn")
-        self.tasks = [ctx.Queue() for _ in range(2)]
+        self.tasks = [ctx.Queue() for _ in range(count)]
         self.results = ctx.Queue()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self.procs = [ctx.Process(target=worker, args=(r, port, device_type, self.tasks[r], self.results),
-                                  daemon=True) for r in range(2)]
+        self.procs = [ctx.Process(target=worker, args=(r, port, device_type, self.tasks[r], self.results, count),
+                                  daemon=True) for r in range(count)]
         for p in self.procs:
             p.start()
 
@@ -361,6 +375,22 @@ def measure(args, preset: dict, cfg, device_type: str, say=print) -> dict:
                         f"{time.perf_counter() - started:.1f} s")
     finally:
         workers.close()
+    if device_type == "cpu" and (not args.modes or DP_MP_MODE[0] in args.modes):
+        mode, processes, threads, units = DP_MP_MODE
+        workers = Workers(device_type, count=processes)
+        try:
+            for r in range(args.repeats):
+                for batch in args.batches:
+                    task = {"kind": "train", "mode": mode, "batch": batch, "threads": threads,
+                            "warmup": args.warmup, "steps": args.steps, "config": cfg.to_dict(), **common}
+                    cell = raw.setdefault((mode, batch), {"mode": mode, "processes": processes, "threads": threads,
+                                                          "units": units, "repeats": []})
+                    started = time.perf_counter()
+                    cell["repeats"].append(workers.run(task, tuple(range(processes))))
+                    say(f"bench: repeat {r + 1}/{args.repeats} batch {batch} {mode}: "
+                        f"{time.perf_counter() - started:.1f} s")
+        finally:
+            workers.close()
     return {"raw": raw, "p2p": p2p, "peak_rates": peak_rates, "peaks": peaks}
 
 
@@ -371,7 +401,7 @@ def assemble(args, preset_name: str, preset: dict, cfg, device_type: str, measur
     flops_per_image = 6 * forward_macs(cfg.model)
     cells = []
     for (mode, batch), raw in measured["raw"].items():
-        if raw["processes"] == 2:
+        if raw["processes"] >= 2:
             peak = peaks[names[-1]]["peak"]
         else:
             peak = peaks[names[0] if raw["threads"] == 1 else names[1]]["peak"]
@@ -405,7 +435,8 @@ def assemble(args, preset_name: str, preset: dict, cfg, device_type: str, measur
         "targets": report.check_targets(ratios),
         "matmul_peak": peaks,
         "p2p": measured["p2p"],
-        "runs": sorted(cells, key=lambda c: (c["batch"], [m[0] for m in modes_for(device_type)].index(c["mode"]))),
+        "runs": sorted(cells, key=lambda c: (c["batch"], [m[0] for m in (*modes_for(device_type), DP_MP_MODE)]
+                                                      .index(c["mode"]))),
     }
 
 

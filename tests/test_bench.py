@@ -95,9 +95,11 @@ def test_tiny_bench_run_writes_its_files(tmp_path):
     # What the pair sent and received is what the summary predicts, to the byte.
     assert result["ratios"]["bytes_measured_vs_analytic"] == 1.0
     modes = {(c["mode"], c["batch"]) for c in result["runs"]}
-    assert modes == {(m, b) for m in FAKE for b in (4, 8)}
+    assert modes == {(m, b) for m in (*FAKE, bench.DP_MP_MODE[0]) for b in (4, 8)}
     for c in result["runs"]:
         assert c["images_per_s"] > 0 and len(c["peak_mib"]) == c["processes"]
+        if c["mode"] == bench.DP_MP_MODE[0]:  # each pair moves the bytes of half the global batch
+            assert c["bytes_ratio"] == 1.0 and c["processes"] == 4
     assert [p["bytes"] for p in result["p2p"]] == [4096, 16384, 65536]
     assert json_path.with_suffix(".md").read_text().startswith("### tiny")
     assert json_path.with_suffix(".png").stat().st_size > 0
