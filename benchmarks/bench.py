@@ -25,7 +25,6 @@ import platform
 import queue
 import re
 import socket
-import statistics
 import sys
 import time
 import traceback

@@ -9,7 +9,6 @@ run directory, data, model, resume, the epoch loop, the end.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path

@@ -73,7 +73,7 @@ def test_sigterm_stops_both_ranks_after_the_step_with_a_checkpoint_and_the_next_
     # Rank 0 signals the torchrun agent in step 3, as a scheduler would; the agent forwards SIGTERM
     # to both workers (and their data-loader processes).
     proc = torchrun("term", 3, 0, f"run.out_dir={tmp_path}", "run.name=pre", "data.num_workers=1",
-                    f"dist.timeout_s=30")
+                    "dist.timeout_s=30")
     log = proc.stdout + proc.stderr
     assert "stopped after step 3 on a stop signal" in log, log[-3000:]
     assert "error (rank" not in log and "exited unexpectedly" not in log
