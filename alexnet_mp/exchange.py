@@ -42,9 +42,6 @@ class CommStats:
         self.seconds[key] += seconds
         self.calls[key] += 1
 
-    def total_sent(self) -> int:
-        return sum(v["sent"] for v in self.bytes.values())
-
     def as_dict(self) -> dict:
         return {k: dict(v, seconds=self.seconds[k], calls=self.calls[k]) for k, v in self.bytes.items()}
 
@@ -63,7 +60,6 @@ class PeerLink:
         self.group = group
         self.timeout_s = timeout_s
         self.stats = CommStats()
-        self.observer = None  # the profiler's hook: observer(key, seconds, sent, recv)
         # Layout of 4-D tensors on the wire; both columns must use the same one
         # (build_column sets channels_last when the model runs in it).
         self.memory_format = torch.contiguous_format
@@ -167,8 +163,6 @@ class PendingExchange:
         got = self.recv.numel() * self.recv.element_size() if self.recv is not None else 0
         key = f"{self.crossing}.{self.phase}"
         link.stats.record(key, sent, got, seconds)
-        if link.observer is not None:
-            link.observer(key, seconds, sent, got)
         self.send = None  # the buffer may be freed now
         return self.received
 

@@ -170,6 +170,8 @@ class AlexNetColumn(_AlexNetBase):
                 setattr(self, spec.name, _make_layer(spec, end - start, columns=1))
         self.drop6 = SharedDropout(cfg.dropout, cfg.fc_width, column_range(cfg, "fc6", column))
         self.drop7 = SharedDropout(cfg.dropout, cfg.fc_width, column_range(cfg, "fc7", column))
+        peer_fc8 = column_range(cfg, "fc8", 1 - column)
+        self.peer_classes = peer_fc8[1] - peer_fc8[0]  # the width of the logits the peer sends
         if link is not None and channels_last:
             link.memory_format = torch.channels_last  # the wire layout follows the model's
         if overlap:
@@ -221,8 +223,7 @@ class AlexNetColumn(_AlexNetBase):
     def classify(self, act_shard):
         if self.cfg.fc8 == "split":
             logits_shard = self.cross(self.fc8, act_shard, "fc8")
-            start, end = column_range(self.cfg, "fc8", 1 - self.column)
-            return GatherOutput.apply(logits_shard, end - start, self.link)
+            return GatherOutput.apply(logits_shard, self.peer_classes, self.link)
         if self.column == 1:
             return ExchangeWithFirst.apply(self.wire(act_shard), self.cfg.num_classes, self.link)
         if self.overlap:

@@ -279,7 +279,8 @@ class Profiler:
         """Hook into this run's model, link and optimizer; start NVML and the trace."""
         self.model, self.link, self.run_path = model, link, Path(run_path)
         self.column, self.attached = self.layout.column, True
-        self.element_size = next(model.parameters()).element_size()
+        # Everything crosses in the autocast dtype under dist.amp=bf16 (overlap.py, model.wire).
+        self.element_size = 2 if self.cfg.dist.amp == "bf16" else 4
         self.model_state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
         self.analytic_cache = {}
         for name, module in model.named_modules():

@@ -74,15 +74,18 @@ def step_verdict(loss, model, device, stop_requested: bool, group=None) -> tuple
 
     Every rank gets the same answer, so all of them skip, stop or step together.
     """
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
-    flags = torch.tensor([int(finite), int(not stop_requested)], device=device)
+    # Checked on the device and read once, after the all-reduce: one host sync per step, not one
+    # per gradient tensor.
+    checks = [torch.isfinite(loss).all(), *(torch.isfinite(p.grad).all() for p in model.parameters()
+                                            if p.grad is not None)]
+    flags = torch.stack([torch.stack(checks).all(), torch.tensor(not stop_requested, device=device)]).int()
     with guarded("per-step agreement (all-reduce of the finite and stop flags)", group):
         # Waited on here, with the deadline: on NCCL the error would otherwise surface later, at
         # the first synchronisation, far from its cause.
         dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group, async_op=True).wait(
             timeout=timedelta(seconds=_timeout_s))
-    return bool(flags[0]), not bool(flags[1])
+    finite, carry_on = flags.tolist()
+    return bool(finite), not carry_on
 
 
 # ---------------------------------------------------------------- flight recorder

@@ -86,8 +86,8 @@ def on_main_first(layout, fn):
 def sum_over_replicas(values: list[float], layout) -> list[float]:
     """Add up per-replica figures; both columns of a pair hold the same ones."""
     if layout.dims.dp == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=layout.device)
+        return list(values)
+    t = torch.as_tensor(values, dtype=torch.float64, device=layout.device)
     dist.all_reduce(t, group=layout.dp_group)
     return t.tolist()
 
@@ -96,7 +96,7 @@ def sum_over_replicas(values: list[float], layout) -> list[float]:
 def evaluate(model, loader, layout, ten_crop=False) -> dict:
     model.eval()
     device = layout.device
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1, top-5, images
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images; read once at the end
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if ten_crop:  # average the softmax over the ten views of each image
@@ -104,9 +104,9 @@ def evaluate(model, loader, layout, ten_crop=False) -> dict:
         else:
             probs = F.softmax(model(images), dim=1)
         top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-        sums += torch.tensor([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").item(),
-                              (top5[:, 0] == labels).sum().item(),
-                              (top5 == labels[:, None]).any(1).sum().item(), len(labels)], dtype=torch.float64)
+        sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
+                             (top5[:, 0] == labels).sum().double(), (top5 == labels[:, None]).any(1).sum().double(),
+                             torch.tensor(len(labels), dtype=torch.float64, device=device)])
     loss, top1, top5, n = sum_over_replicas(sums.tolist(), layout)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
@@ -251,6 +251,15 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
         net.train()
         sums = partial or {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0}
         partial = None
+        # Loss and correct answers add up on the device and are read only when shown or saved:
+        # reading them every step would make the host wait for the device every step.
+        running = torch.zeros(2, dtype=torch.float64, device=device)
+
+        def fold_running():
+            loss_sum, correct = running.tolist()
+            running.zero_()
+            sums["loss"] += loss_sum
+            sums["correct"] += int(correct)
         bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                    disable=not (layout.is_main and cfg.run.progress), mininterval=1.0, dynamic_ncols=True)
         tick = time.perf_counter()
@@ -276,22 +285,24 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
             step += 1
             if step == 1:  # start-up is over: fail fast from now on
                 resilience.set_timeouts(cfg.dist.timeout_s, link, (layout.mp_group, layout.dp_group))
-            sums["loss"] += loss.item() * len(labels)
-            sums["correct"] += int((logits.argmax(1) == labels).sum())
+            running += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double()])
             sums["seen"] += len(labels)
             prof.step_end()
             bar.update(1)
             if bar.n % 10 == 0 or bar.n == steps_per_epoch:
+                fold_running()
                 elapsed = sums["seconds"] + time.perf_counter() - tick
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
                                 img_s=f"{sums['seen'] * layout.dims.dp / max(elapsed, 1e-9):.0f}")
             stop = preempted or (cfg.train.max_steps and step >= cfg.train.max_steps)
             if stop or (cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0):
                 if batch + 1 < steps_per_epoch:  # at an epoch's end the epoch checkpoint follows
+                    fold_running()
                     save_checkpoint(epoch, batch + 1, dict(sums, seconds=sums["seconds"] + time.perf_counter() - tick))
             if stop:
                 break
         bar.close()
+        fold_running()
         if stop and batch + 1 < steps_per_epoch:
             if not preempted:
                 say(f"stopped at step {step} (train.max_steps); continue with run.resume={run_path} train.max_steps=0")
