@@ -164,8 +164,9 @@ def test_profiled_run_writes_profile_table_and_timeline(tmp_path, capfd):
     profile = json.loads((run / "profile.json").read_text())
     cfg = build_config(overrides=TINY)
     assert [r["rank"] for r in profile["ranks"]] == [0, 1]
-    assert profile["steps"] == {"seen": 8, "measured": 6, "warmup_skipped": 2, "traced_excluded": 0,
-                                "timeline_step": profile["steps"]["timeline_step"]}
+    timeline_step = profile["steps"].pop("timeline_step")
+    assert profile["steps"] == {"seen": 8, "measured": 6, "warmup_skipped": 2, "traced_excluded": 0}
+    assert 2 <= timeline_step < 8  # one of the measured steps
     for r in profile["ranks"]:
         assert sorted(r["layers"]) == sorted(LAYERS)
         assert all(set(d) == {"forward", "backward"} for d in r["layers"].values())

@@ -106,7 +106,9 @@ def test_each_restart_gets_its_own_keys_and_finds_the_first_attempts_run(monkeyp
     resilience.remember_run_dir(launch, tmp_path / "run")
     assert resilience.recall_run_dir(launch) is None  # the first attempt starts a new run
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    second = dist.PrefixStore(f"alexnet_mp/attempt-{resilience.restart_count()}", launch)
+    # The restarted attempt joins the same launch store, through attempt_store itself.
+    monkeypatch.setattr(dist, "rendezvous", lambda *args, **kwargs: iter([(launch, 0, 1)]))
+    _, second = resilience.attempt_store(0, 1, timedelta(seconds=10))
     assert not second.check(["rank_0"]) and first.check(["rank_0"])
     assert resilience.recall_run_dir(launch) == tmp_path / "run"
 

@@ -78,7 +78,7 @@ def run_world(tmp_path, world_size, *extra, name):
     return tmp_path / name
 
 
-def test_checkpoint_from_4_processes_resumes_with_4_and_with_2(tmp_path):
+def test_checkpoint_from_4_processes_resumes_with_4_and_with_2(tmp_path, capfd):
     # 96 images, global batch 16: 6 steps per epoch; stop after 4 steps of epoch 2 (step 10).
     straight = final_weights(run_world(tmp_path, 4, name="straight"))
     run_world(tmp_path, 4, "train.max_steps=10", name="cut")
@@ -90,7 +90,9 @@ def test_checkpoint_from_4_processes_resumes_with_4_and_with_2(tmp_path):
     for c in (0, 1):
         assert all(torch.equal(resumed[c][k], straight[c][k]) for k in straight[c]), f"column {c}"
     # With 2 processes the global batch halves: 64 images of epoch 2 were done, 4 steps of 8 follow.
+    capfd.readouterr()
     run_world(tmp_path, 2, f"run.resume={tmp_path / 'cut2'}", "train.max_steps=0", name="unused2")
+    assert f"resumed from {tmp_path / 'cut2' / 'checkpoints' / 'step-000000010'}" in capfd.readouterr().out
     records = [json.loads(x) for x in (tmp_path / "cut2" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 10 + 4
 

@@ -149,7 +149,8 @@ def test_eval_only_writes_the_same_metric_keys(tmp_path):
     record = json.loads((ev / "metrics.jsonl").read_text())
     trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(trained) - {"step"} <= set(record)
-    assert record["val_top1"] == pytest.approx(trained["val_top1"])
+    for key in ("val_loss", "val_top1", "val_top5"):  # the checkpoint's weights, not fresh ones
+        assert record[key] == pytest.approx(trained[key]), key
     assert 0 <= record["val_tencrop_top1"] <= 1
 
 
@@ -190,6 +191,6 @@ def test_trains_on_an_image_folder_as_the_readme_says(tmp_path):
             "data.num_workers=0", "dist.device=cpu", "run.progress=false", f"run.out_dir={tmp_path}", "run.name=f"]
     assert run_ranks(script_worker, args=(argv,), timeout=180) == {0: 0, 1: 0}
     records = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and records[-1]["val_top5"] == 1.0  # 3 classes: top-5 holds every class
+    assert len(records) == 2 and records[-1]["val_top1"] > 1 / 3  # three plain colours: above chance
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs"] == 2
     assert list((tmp_path / ".cache").glob("*.json")), "PCA statistics were not cached"
