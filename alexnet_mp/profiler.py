@@ -4,9 +4,9 @@ Turned on with ``profile.enabled=true`` (and ``profile.trace=true`` for a
 torch.profiler trace). One profiler lives for the whole run, as a context
 manager around the training (the torchtitan ``profiling.py`` pattern)::
 
-    with profiling(cfg, layout) as prof:                 # NullProfiler when disabled
-        prof.attach(model, link, optimizer, run_path)    # hooks in; the trace window starts
-        for images, labels in prof.batches(loader):      # times the data wait; opens a step
+    with profiling(cfg, layout) as prof:               # NullProfiler when disabled
+        prof.attach(model, link, optimizer, run_path)  # hooks in (ddp=net with replicas); the trace starts
+        for images, labels in prof.batches(loader):    # times the data wait; opens a step
             ...forward, backward, optimizer.step()...
             prof.step_end()
 
@@ -20,6 +20,10 @@ so that asynchronous kernels are timed where they run):
   layer's last gradient, or the end of an exchange) to the moment the layer's
   last parameter gradient is accumulated;
 * comm: the time blocked in each crossing's exchange (``conv3.forward``, ...);
+* allreduce (with replicas, ``prof.attach(..., ddp=net)``): the data-parallel
+  gradient all-reduce, through a DDP communication hook (``AllReduceMeter``):
+  its bytes, buckets, the span in flight behind backward, and the exposed
+  wait after the last gradient;
 * loss: from the end of the forward to the first gradient of the logits;
 * optimizer: ``optimizer.step()`` (via the optimizer's step hooks);
 * other: the rest of the step (batch copy, finiteness check, bookkeeping).
@@ -55,6 +59,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .model import LAYERS
 from .summary import analytic_bytes, reference_memory
@@ -94,6 +99,53 @@ class CudaClock:
 
     def seconds(self, start, mark) -> float:
         return start.elapsed_time(mark) / 1e3
+
+
+# ------------------------------------------------------------------ the data-parallel all-reduce
+
+
+class AllReduceMeter:
+    """Counts and times the data-parallel gradient all-reduce of a DistributedDataParallel model.
+
+    Registered as the model's DDP communication hook, it runs PyTorch's own
+    ``allreduce_hook`` (divide by the replicas, all-reduce: what DDP does with
+    no hook) and notes, per bucket, when DDP handed it over (its gradients are
+    all computed), when its result was ready, and its bytes. On CUDA both marks
+    are stream-ordered events: the ready callback runs on streams that wait for
+    the all-reduce. DDP takes one hook, registered before the first backward.
+    """
+
+    def __init__(self, ddp, group, clock):
+        self.clock = clock
+        self.buckets = []  # [launch mark, ready mark, bytes] since the last take()
+        ddp.register_comm_hook(group, self._hook)
+
+    def _hook(self, group, bucket):
+        buffer = bucket.buffer()
+        entry = [self.clock.now(), None, buffer.numel() * buffer.element_size()]
+        self.buckets.append(entry)
+
+        def ready(fut):
+            entry[1] = self.clock.now()
+            return fut.value()
+        return default_hooks.allreduce_hook(group, bucket).then(ready)
+
+    def take(self) -> list:
+        """The buckets since the last call (after backward, every one has its ready mark)."""
+        out, self.buckets = self.buckets, []
+        return out
+
+
+def allreduce_spans(buckets: list, clock, start) -> dict:
+    """One step's buckets in seconds since `start`: the span in flight and the exposed wait.
+
+    Exposed: from the last bucket's launch (by then every gradient exists, so
+    backward has nothing left to hide it behind) to the last result.
+    """
+    launches = [clock.seconds(start, b[0]) for b in buckets]
+    readies = [clock.seconds(start, b[1]) for b in buckets]
+    return {"buckets": len(buckets), "bytes": sum(b[2] for b in buckets), "first_launch": min(launches),
+            "last_launch": max(launches), "last_ready": max(readies)}
 
 
 # ------------------------------------------------------------------ NVML
@@ -237,7 +289,7 @@ class NullProfiler:
     def __exit__(self, *exc):
         return False
 
-    def attach(self, model, link, optimizer, run_path) -> None:
+    def attach(self, model, link, optimizer, run_path, ddp=None) -> None:
         pass
 
     def batches(self, loader):
@@ -275,9 +327,12 @@ class Profiler:
     def __enter__(self):
         return self
 
-    def attach(self, model, link, optimizer, run_path) -> None:
-        """Hook into this run's model, link and optimizer; start NVML and the trace."""
+    def attach(self, model, link, optimizer, run_path, ddp=None) -> None:
+        """Hook into this run's model, link, optimizer and DDP wrapper (with replicas); start NVML and the trace."""
         self.model, self.link, self.run_path = model, link, Path(run_path)
+        self.allreduce = AllReduceMeter(ddp, self.layout.dp_group, self.clock) if ddp is not None else None
+        # DDP all-reduces every gradient once a step, in the parameters' dtype (fp32, also under bf16 autocast).
+        self.allreduce_analytic = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         self.column, self.attached = self.layout.column, True
         # Everything crosses in the autocast dtype under dist.amp=bf16 (overlap.py, model.wire).
         self.element_size = 2 if self.cfg.dist.amp == "bf16" else 4
@@ -349,6 +404,7 @@ class Profiler:
                 "steps": self._resolved_records(), "seen": self.seen, "bytes_checked": self.bytes_checked,
                 "byte_mismatches": self.byte_mismatches[:10],
                 "analytic": self._analytic(self._typical_batch()),
+                "allreduce_analytic": self.allreduce_analytic if self.allreduce else None,
                 "memory": dict(self.memory, model_state_bytes=self.model_state_bytes), "nvml": nvml,
                 "trace": self.trace_file.name if self.trace_written else None}
         gathered = [None] * dist.get_world_size() if self.layout.is_main else None
@@ -383,6 +439,8 @@ class Profiler:
         self.open_stage, self.cursor, self.forward_done = None, None, None
         self.bytes_before = {k: (v["sent"], v["recv"]) for k, v in self.link.stats.bytes.items()}
         self.index, self.seen = self.seen, self.seen + 1
+        if self.allreduce:
+            self.allreduce.take()  # nothing from outside a training step
         self.timing = True
 
     def step_end(self) -> None:
@@ -393,17 +451,22 @@ class Profiler:
     def _close_step(self, record: bool) -> None:
         end = self.clock.now()
         self.timing = False
+        buckets = self.allreduce.take() if self.allreduce else None
         if self.torch_prof is not None:
             self.torch_prof.step()
         if not record:
             return
         moved = self._check_bytes()
+        reduced = sum(b[2] for b in buckets) if buckets is not None else None
+        if reduced is not None and reduced != self.allreduce_analytic:
+            self.byte_mismatches.append({"step": self.index, "key": "dp.allreduce", "measured": [reduced],
+                                         "analytic": [self.allreduce_analytic]})
         if self.seen <= MEMORY_STEPS:
             self._read_memory()
         if self.index >= self.skip and self.index not in self.traced:
             # Raw marks: turned into seconds at the end, so that a step costs no conversion (nor a CUDA sync).
             self.records.append({"index": self.index, "batch": self.batch, "start": self.step_start, "end": end,
-                                 "events": self.events, "bytes": moved})
+                                 "events": self.events, "bytes": moved, "allreduce": buckets})
 
     def _resolved_records(self) -> list[dict]:
         """The kept steps with every mark in seconds since the step's start."""
@@ -413,8 +476,14 @@ class Profiler:
             start = r["start"]
             events = [[kind, name, seconds(start, a), seconds(start, b)] for kind, name, a, b in r["events"]
                       if b is not None]
-            out.append({"index": r["index"], "batch": r["batch"], "seconds": seconds(start, r["end"]),
-                        "events": events, "bytes": r["bytes"]})
+            step = {"index": r["index"], "batch": r["batch"], "seconds": seconds(start, r["end"]),
+                    "events": events, "bytes": r["bytes"]}
+            if r["allreduce"]:
+                spans = step["allreduce"] = allreduce_spans(r["allreduce"], self.clock, start)
+                # The exposed wait starts where this rank's backward marks end, so no moment counts twice.
+                begin = max([spans["last_launch"]] + [e[3] for e in events if e[0] == "backward"])
+                events.append(["allreduce", "dp.allreduce", begin, max(begin, spans["last_ready"])])
+            out.append(step)
         return out
 
     def _check_bytes(self) -> dict:
@@ -554,12 +623,12 @@ def summarise_rank(data: dict, peer: dict | None) -> dict:
     step_times = [s["seconds"] for s in steps]
     mean_step = statistics.fmean(step_times)
     parts = part_durations(steps)
-    out = {"step": stat(step_times, mean_step), "phases": {}, "layers": {}, "crossings": {}}
+    out = {"step": stat(step_times, mean_step), "phases": {}, "layers": {}, "crossings": {}, "allreduce": None}
     out["images_per_s"] = statistics.fmean(s["batch"] for s in steps) / statistics.median(step_times)
     for (kind, name), values in parts.items():
         if kind in ("forward", "backward"):
             out["layers"].setdefault(name, {})[kind] = stat(values, mean_step)
-        elif kind != "comm":
+        elif kind not in ("comm", "allreduce"):
             out["phases"][kind] = stat(values, mean_step)
     peer_waits = {}
     if peer is not None:
@@ -584,6 +653,16 @@ def summarise_rank(data: dict, peer: dict | None) -> dict:
             "analytic_sent_bytes": analytic["sent"], "analytic_recv_bytes": analytic["recv"],
             "bytes_match": key not in mismatched and [sent, recv] == [analytic["sent"], analytic["recv"]],
             "bandwidth_bytes_per_s": (sent + recv) / transfer if transfer else None}
+    spans = [s["allreduce"] for s in steps if "allreduce" in s]
+    if spans:
+        exposed = parts[("allreduce", "dp.allreduce")]
+        in_flight = stat([a["last_ready"] - a["first_launch"] for a in spans], mean_step)
+        moved = spans[-1]["bytes"]
+        out["allreduce"] = {
+            "exposed": stat(exposed, mean_step), "in_flight": in_flight,
+            "hidden_share": 1 - statistics.fmean(exposed) / in_flight["mean_s"] if in_flight["mean_s"] > 0 else None,
+            "buckets": spans[-1]["buckets"], "bytes": moved, "analytic_bytes": data["allreduce_analytic"],
+            "bytes_match": "dp.allreduce" not in mismatched and moved == data["allreduce_analytic"]}
     return out
 
 
@@ -606,7 +685,8 @@ def build_profile(ranks: list[dict], cfg, run_dir: str, skipped: int, traced: in
         row.update(memory=r["memory"], nvml=r["nvml"], trace=r["trace"],
                    bytes_checked_steps=r["bytes_checked"], byte_mismatches=r["byte_mismatches"])
         step = next((s for s in r["steps"] if s["index"] == shown), r["steps"][0])
-        row["timeline"] = {"step": step["index"], "seconds": step["seconds"], "events": step["events"]}
+        row["timeline"] = {"step": step["index"], "seconds": step["seconds"], "events": step["events"],
+                           "allreduce": step.get("allreduce")}
         out_ranks.append(row)
     batch = first[-1]["batch"]
     return {"format": FORMAT, "run_dir": run_dir, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -642,6 +722,7 @@ def _rows(profile: dict) -> list[tuple[str, str, str]]:
         found |= {("phases", k, k) for k in r["phases"]}
         found |= {("layers", kind, layer) for layer, d in r["layers"].items() for kind in d}
         found |= {("crossings", "comm", key) for key in r["crossings"]}
+        found |= {("allreduce", "allreduce", "dp.allreduce")} if r.get("allreduce") else set()
     rest = float("inf")
     return sorted(found, key=lambda p: (p[1] == "other", order.get((p[1], p[2]), rest), p[1], p[2]))
 
@@ -651,6 +732,8 @@ def _part(rank: dict, section: str, kind: str, name: str) -> dict | None:
         return rank["phases"].get(kind)
     if section == "layers":
         return rank["layers"].get(name, {}).get(kind)
+    if section == "allreduce":
+        return rank["allreduce"]["exposed"] if rank.get("allreduce") else None
     return rank["crossings"].get(name, {}).get("wait")
 
 
@@ -667,7 +750,8 @@ def render_table(profile: dict) -> str:
     sub = f"{'':<26}" + f"{'mean ms':>10}{'median':>9}{'share':>9}" * len(ranks)
     lines += [head, sub]
     for section, kind, name in _rows(profile):
-        text = {"phases": kind, "layers": f"{kind} {name}", "crossings": f"wait {name}"}[section]
+        text = {"phases": kind, "layers": f"{kind} {name}", "crossings": f"wait {name}",
+                "allreduce": "wait dp all-reduce"}[section]
         cells = ""
         for r in ranks:
             s = _part(r, section, kind, name)
@@ -687,6 +771,19 @@ def render_table(profile: dict) -> str:
                          f"{'equal' if c['bytes_match'] else 'DIFFERS':>10}{_ms(c['wait']['mean_s']):>9}"
                          f"{_ms(c['transfer_s']):>10}{_ms(c['peer_wait_s']):>9}"
                          f"{'-' if bw is None else f'{bw / 1e6:.0f}':>9}")
+    if any(r.get("allreduce") for r in ranks):
+        lines += ["", "data-parallel gradient all-reduce per step (DDP between the replicas of each column): "
+                      "in flight = first bucket handed over to last result,",
+                  "exposed = the wait after the last gradient (the row above), hidden = the rest, behind backward",
+                  f"{'rank':<5}{'buckets':>8}{'bytes':>13}{'analytic':>10}{'in flight ms':>14}{'exposed ms':>12}"
+                  f"{'hidden':>8}"]
+        for r in ranks:
+            a = r.get("allreduce")
+            if a:
+                hidden = "-" if a["hidden_share"] is None else f"{a['hidden_share']:.0%}"
+                lines.append(f"{r['rank']:<5}{a['buckets']:>8}{a['bytes']:>13,}"
+                             f"{'equal' if a['bytes_match'] else 'DIFFERS':>10}{_ms(a['in_flight']['mean_s']):>14}"
+                             f"{_ms(a['exposed']['mean_s']):>12}{hidden:>8}")
     ref = profile["reference_memory"]
     lines += ["", f"memory (peak over {ranks[0]['memory']['scope']}):"]
     for r in ranks:
@@ -719,11 +816,12 @@ def sum_shares(rank: dict) -> float:
     """The shares of every part of the step (1 up to rounding)."""
     total = sum(p["share"] for p in rank["phases"].values())
     total += sum(p["share"] for d in rank["layers"].values() for p in d.values())
+    total += rank["allreduce"]["exposed"]["share"] if rank.get("allreduce") else 0.0
     return total + sum(c["wait"]["share"] for c in rank["crossings"].values())
 
 
 COLOURS = {"data": "#9e9e9e", "forward": "#1f77b4", "loss": "#8c564b", "backward": "#ff7f0e",
-           "comm": "#d62728", "optimizer": "#2ca02c"}
+           "comm": "#d62728", "optimizer": "#2ca02c", "allreduce": "#9467bd"}
 
 
 def plot_timeline(profile: dict, path: Path) -> None:
@@ -737,7 +835,7 @@ def plot_timeline(profile: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(13, 1.1 + 1.1 * len(ranks)))
     labels = []
     for i, r in enumerate(ranks):
-        for lane, kinds in ((0, ("data", "forward", "loss", "backward", "optimizer")), (1, ("comm",))):
+        for lane, kinds in ((0, ("data", "forward", "loss", "backward", "optimizer")), (1, ("comm", "allreduce"))):
             y = (len(ranks) - 1 - i) * 2.4 + (1 - lane) * 1.1
             labels.append((y + 0.45, f"rank {r['rank']} {'comm' if lane else 'compute'}"))
             for kind, name, start, end in r["timeline"]["events"]:
@@ -750,12 +848,16 @@ def plot_timeline(profile: dict, path: Path) -> None:
                     text = name if kind in ("forward", "backward", "comm") else kind
                     ax.text(ms0 + width / 2, y + 0.45, text.replace(".forward", " f").replace(".backward", " b"),
                             ha="center", va="center", fontsize=6, color="white", clip_on=True)
+            spans = r["timeline"].get("allreduce")
+            if lane == 1 and spans:  # the all-reduce in flight behind backward: a thin bar under the comm lane
+                ax.broken_barh([(spans["first_launch"] * 1e3, (spans["last_ready"] - spans["first_launch"]) * 1e3)],
+                               (y - 0.15, 0.12), facecolors=COLOURS["allreduce"], alpha=0.6)
         ax.axvline(r["timeline"]["seconds"] * 1e3, color="black", lw=0.6, ls=":")
     ax.set_yticks([y for y, _ in labels], [t for _, t in labels])
     ax.set_xlabel("ms since the rank's step start (gaps: other; dotted line: the rank's step end)")
     ax.set_title(f"step {ranks[0]['timeline']['step'] + 1}: where the time goes, per rank "
                  f"({profile['versions']['backend']}, {ranks[0]['device']})")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], ncol=6, fontsize=7,
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], ncol=7, fontsize=7,
               loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(ranks) <= 2 else -0.2), frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -43,6 +43,7 @@ import report  # noqa: E402
 from alexnet_mp.config import DistConfig, build_config, config_from_dict  # noqa: E402
 from alexnet_mp.exchange import PeerLink  # noqa: E402
 from alexnet_mp.model import build_column, build_reference, dropout_generator, param_groups  # noqa: E402
+from alexnet_mp.profiler import AllReduceMeter, CudaClock, HostClock, allreduce_spans  # noqa: E402
 from alexnet_mp.summary import analytic_bytes, forward_macs, param_count  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -154,14 +155,19 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
     model.set_dropout_generator(dropout_generator(SEED, device))
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    clock = CudaClock() if device.type == "cuda" else HostClock()
+    meter = None  # the data-parallel gradient all-reduce, where there is one
     if mode == DP_MP_MODE[0]:
         model = torch.nn.parallel.DistributedDataParallel(model, process_group=dp_groups[column])
+        meter = AllReduceMeter(model, dp_groups[column], clock)
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, fused=True)
     if mode == "ddp":  # each process half of the batch, gradients all-reduced
         images, labels = images.chunk(2)[rank], labels.chunk(2)[rank]
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+        meter = AllReduceMeter(model, None, clock)
     reference_model = mode not in (*MP_MODES, DP_MP_MODE[0])  # the columns cast and reformat themselves
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and reference_model)
 
@@ -189,14 +195,23 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         dist.barrier()  # both processes start the clock together
     if link is not None:
         link.stats.reset()
-    times = []
+    if meter is not None:
+        meter.take()
+    times, allreduce = [], []
     for _ in range(task["steps"]):
         start = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        if meter is not None:
+            buckets = meter.take()
+            allreduce.append(allreduce_spans(buckets, clock, buckets[0][0]))
     peak, above_idle = memory.peak()
     out = {"times": times, "peak_mib": peak, "above_idle_mib": above_idle}
+    if meter is not None:  # exposed: from the last bucket's launch (every gradient computed) to the last result
+        out.update(allreduce_seconds=sum(a["last_ready"] - a["last_launch"] for a in allreduce),
+                   allreduce_bytes=sum(a["bytes"] for a in allreduce) / len(allreduce),
+                   allreduce_analytic=gradient_bytes, allreduce_buckets=allreduce[-1]["buckets"])
     if link is not None:
         element_size = 2 if amp == "bf16" else 4
         pair_batch = batch // 2 if mode == DP_MP_MODE[0] else batch

@@ -11,6 +11,10 @@ in README, "Benchmarks"):
 * exposed communication: seconds a process spent held up in the link's
   exchanges (posting plus waiting, `CommStats.seconds`) over its step time,
   averaged over the two processes.
+* exposed all-reduce (modes with a data-parallel all-reduce): seconds from
+  the last gradient bucket's launch (every gradient computed) to its result,
+  over the step time, averaged over the processes; bytes: each process's
+  gradients handed to the all-reduce, against the model's parameter bytes.
 * achieved FLOP/s: 3 x forward MACs x 2 per image; its share is of the
   matrix-multiply peak measured in the same run with the same processes and
   threads (for two processes: both multiplying at once, rates summed).
@@ -37,8 +41,10 @@ def summarise_run(raw: dict, batch: int, flops_per_image: float, peak_flops: flo
 
     `raw` holds: mode, processes, threads, units, repeats: a list, per repeat,
     of the ranks' results: times (seconds per timed step), peak_mib and
-    above_idle_mib, and for the model-parallel pair comm_seconds and the
-    bytes per step sent/recv and analytic_sent/analytic_recv.
+    above_idle_mib, for the model-parallel pair comm_seconds and the
+    bytes per step sent/recv and analytic_sent/analytic_recv, and where
+    replicas all-reduce gradients allreduce_seconds (exposed, all timed
+    steps), allreduce_bytes (per step), allreduce_analytic, allreduce_buckets.
     """
     repeat_steps = [statistics.fmean(ranks[0]["times"]) for ranks in raw["repeats"]]
     step = statistics.median(repeat_steps)
@@ -75,6 +81,13 @@ def summarise_run(raw: dict, batch: int, flops_per_image: float, peak_flops: flo
             cell["comm_seconds_per_step"] = {
                 k: statistics.fmean(r["comm"].get(k, {}).get("seconds", 0.0) / len(r["times"]) for r in every)
                 for k in keys}
+    if all("allreduce_seconds" in r for r in every):
+        cell.update(
+            exposed_allreduce_share=statistics.fmean(r["allreduce_seconds"] / sum(r["times"]) for r in every),
+            allreduce_bytes_per_rank=statistics.fmean(r["allreduce_bytes"] for r in every),
+            allreduce_buckets=max(r["allreduce_buckets"] for r in every),
+            allreduce_bytes_ratio=(sum(r["allreduce_bytes"] for r in every)
+                                   / sum(r["allreduce_analytic"] for r in every)))
     return cell
 
 
@@ -165,16 +178,19 @@ def render_markdown(result: dict) -> str:
         f"{_load(result, 'before')} before, {_load(result, 'after')} after.",
         "",
         "| mode | batch | proc x thr | images/s | step ms (spread) | vs best single | scaling eff. | "
-        "exposed comm | bytes/step (meas./analytic) | peak MiB per rank (above idle) | GFLOP/s | % of mm peak |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "exposed comm | bytes/step (meas./analytic) | exposed all-reduce (MB per rank, meas./analytic) | "
+        "peak MiB per rank (above idle) | GFLOP/s | % of mm peak |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["runs"]:
         comm = f"{100 * c['exposed_comm_share']:.1f}%" if "exposed_comm_share" in c else "-"
         data = (f"{c['bytes_per_step'] / 1e6:.2f} MB ({c['bytes_ratio']:.2f})" if "bytes_ratio" in c else "-")
+        reduce = (f"{100 * c['exposed_allreduce_share']:.1f}% ({c['allreduce_bytes_per_rank'] / 1e6:.2f} MB "
+                  f"({c['allreduce_bytes_ratio']:.2f}))" if "allreduce_bytes_ratio" in c else "-")
         lines.append(
             f"| {c['mode']} | {c['batch']} | {c['processes']}x{c['threads']} | {c['images_per_s']:.1f} | "
             f"{1e3 * c['step_s']:.0f} ({100 * c['spread']:.0f}%) | {_opt(c['speedup_vs_best_single'], '{:.2f}x')} | "
-            f"{_opt(c['scaling_efficiency'], '{:.0%}')} | {comm} | {data} | {_mib(c['peak_mib'])} "
+            f"{_opt(c['scaling_efficiency'], '{:.0%}')} | {comm} | {data} | {reduce} | {_mib(c['peak_mib'])} "
             f"({_mib(c['above_idle_mib'])}) | {c['flops_per_s'] / 1e9:.1f} | {100 * c['flops_share_of_peak']:.0f}% |")
     lines += ["", f"Ratios ({result['ratio_basis']}):", "", "| ratio | value | target | met |", "|---|---:|---:|---|"]
     for key, t in result["targets"].items():

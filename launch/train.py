@@ -2,6 +2,13 @@
 
     torchrun --nproc_per_node=2 launch/train.py [--config FILE] [key=value ...]
 
+Any even number of processes runs D = processes / 2 data-parallel replicas of
+the pair (README, "Scaling out"), on one node or on several:
+
+    torchrun --nproc_per_node=8 launch/train.py ...                       # 4 replicas
+    torchrun --nnodes=2 --node_rank=R --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=FIRST_NODE:29500 --rdzv_id=RUN launch/train.py ...  # 8 replicas
+
 Without --config it trains the small network of configs/small.yaml on the
 built-in data set. The script reads top to bottom: configuration, processes,
 run directory, data, model, resume, the epoch loop, the end.
@@ -239,7 +246,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
     say(f"run directory: {run_path}; {steps_per_epoch} steps per epoch; "
         f"{layout.dims.dp} replica(s) x 2 columns on {device}")
     record, stop, preempted = {}, False, False
-    prof.attach(model, link, optimizer, run_path)
+    prof.attach(model, link, optimizer, run_path, ddp=net if net is not model else None)
     for epoch in range(start_epoch, cfg.train.epochs):
         if epoch > start_epoch and dataset_fingerprint(cfg) != data.fingerprint:
             raise DataError(f"the data set changed during the run ({cfg.data.root or cfg.data.dataset}: files "

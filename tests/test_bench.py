@@ -16,10 +16,13 @@ FAKE = {"single-1t": (1, 1, 1, 1.0), "single-all": (1, 2, 2, 0.6), "mp": (2, 1, 
         "mp-overlap": (2, 1, 2, 0.4), "ddp": (2, 1, 2, 0.8)}
 
 
-def rank_result(seconds, pair_traffic):
+def rank_result(seconds, pair_traffic, allreduce=False):
     out = {"times": [seconds, seconds], "peak_mib": 900.0, "above_idle_mib": 300.0}
     if pair_traffic:  # 10% of the step held up in exchanges; 100 bytes sent and received per step
         out.update(comm_seconds=0.1 * 2 * seconds, sent=100.0, recv=100.0, analytic_sent=100, analytic_recv=100)
+    if allreduce:  # 20% of the step waiting for the gradients' all-reduce; 1000 bytes of gradients
+        out.update(allreduce_seconds=0.2 * 2 * seconds, allreduce_bytes=1000.0, allreduce_analytic=1000,
+                   allreduce_buckets=3)
     return out
 
 
@@ -28,7 +31,7 @@ def fake_cells(flops_per_image=1e9, peak=1e12):
     for batch, scale in ((32, 1), (128, 4)):
         for mode, (procs, threads, units, seconds) in FAKE.items():
             # Three repeats: 0.9x, 1x, 1.2x the nominal step time.
-            repeats = [[rank_result(seconds * scale * f, mode.startswith("mp")) for _ in range(procs)]
+            repeats = [[rank_result(seconds * scale * f, mode.startswith("mp"), mode == "ddp") for _ in range(procs)]
                        for f in (0.9, 1.0, 1.2)]
             raw = {"mode": mode, "processes": procs, "threads": threads, "units": units, "repeats": repeats}
             cells.append(report.summarise_run(raw, batch, flops_per_image, peak))
@@ -52,6 +55,9 @@ def test_cells_ratios_and_targets_from_known_timings():
     assert mp["bytes_per_step"] == pytest.approx(200.0) and mp["bytes_ratio"] == pytest.approx(1.0)
     assert mp["flops_share_of_peak"] == pytest.approx(1e9 * 128 / 2.0 / 1e12)
     assert mp["peak_mib"] == [900.0, 900.0] and "exposed_comm_share" not in cell(cells, "ddp", 32)
+    ddp = cell(cells, "ddp", 32)
+    assert ddp["exposed_allreduce_share"] == pytest.approx(0.2) and ddp["allreduce_bytes_ratio"] == 1.0
+    assert ddp["allreduce_bytes_per_rank"] == 1000.0 and "allreduce_bytes_ratio" not in mp
 
     ratios = report.compute_ratios(cells, "mp-overlap", SINGLE)
     assert set(report.RATIO_KEYS) <= set(ratios)
@@ -82,6 +88,7 @@ def test_result_files_hold_the_ratios_and_the_table(tmp_path):
     assert json.loads(paths["json"].read_text())["ratios"] == pytest.approx(ratios)
     md = paths["md"].read_text()
     assert md.count("\n| mp-overlap | ") == 2 and "| 64.0 |" in md  # mp at batch 128: 64 images/s
+    assert md.count("| 20.0% (0.00 MB (1.00)) |") == 2  # ddp's all-reduce at both batches
     for key in report.RATIO_KEYS:
         assert f"| {key} |" in md
     assert "| 4 KiB | 100 us |" in md
@@ -101,6 +108,12 @@ def test_tiny_bench_run_writes_its_files(tmp_path):
         if "bytes_ratio" in c:  # per cell: an over- and an under-count must not cancel out
             assert c["bytes_ratio"] == 1.0, c["mode"]
     assert {c["mode"] for c in result["runs"] if "bytes_ratio" in c} == {"mp", "mp-overlap", bench.DP_MP_MODE[0]}
+    # Each replica all-reduces exactly its model's gradients (per cell), and waits for it a part of the step.
+    reducing = [c for c in result["runs"] if "allreduce_bytes_ratio" in c]
+    assert {c["mode"] for c in reducing} == {"ddp", bench.DP_MP_MODE[0]}
+    for c in reducing:
+        assert c["allreduce_bytes_ratio"] == 1.0 and c["allreduce_buckets"] >= 1, c["mode"]
+        assert 0 < c["exposed_allreduce_share"] < 1, c["mode"]
     assert [p["bytes"] for p in result["p2p"]] == [4096, 16384, 65536]
     assert json_path.with_suffix(".md").read_text().startswith("### tiny")
     assert json_path.with_suffix(".png").stat().st_size > 0

@@ -9,9 +9,10 @@ import torch
 
 from alexnet_mp import profiler
 from alexnet_mp.config import build_config
-from alexnet_mp.model import LAYERS
+from alexnet_mp.model import LAYERS, build_column
 from alexnet_mp.summary import analytic_bytes, param_count, reference_memory
-from test_train import TINY, run_script
+from harness import run_ranks
+from test_train import TINY, run_script, script_worker
 
 # --------------------------------------------------------------- synthetic records
 
@@ -66,11 +67,40 @@ def test_summary_arithmetic_on_synthetic_records(tmp_path):
     assert c0["wait"]["median_s"] == pytest.approx(0.003)
     assert c0["bandwidth_bytes_per_s"] == pytest.approx(2 * 2304 / transfer)
     assert c0["bytes_match"] and not c1["bytes_match"]
+    assert r0["allreduce"] is None and "all-reduce" not in profiler.render_table(profile)  # no replicas
     assert profile["steps"]["timeline_step"] == 2  # every step takes the median time: the first one
     assert profile["reference_memory"] == reference_memory(cfg.model, 8)
 
     table = profiler.render_table(profile)
     assert "wait conv3.forward" in table and "DIFFERS" in table and "not available: no GPU" in table
+    profiler.plot_timeline(profile, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_allreduce_arithmetic_on_synthetic_records(tmp_path):
+    ranks = [synthetic_rank(r, [0.002] * 3, [0.001] * 3) for r in (0, 1)]
+    exposed = [0.001, 0.003, 0.002]
+    for r in ranks:
+        r["allreduce_analytic"] = 4000
+        for step, wait in zip(r["steps"], exposed):  # the wait follows backward, out of what was "other"
+            step["events"].append(["allreduce", "dp.allreduce", 0.007, 0.007 + wait])
+            step["allreduce"] = {"buckets": 2, "bytes": 4000, "first_launch": 0.006, "last_launch": 0.007,
+                                 "last_ready": 0.007 + wait}
+    ranks[1]["byte_mismatches"] = [{"step": 3, "key": "dp.allreduce", "measured": [3996], "analytic": [4000]}]
+    profile = profiler.build_profile(ranks, build_config(overrides=TINY), str(tmp_path), skipped=2, traced=0)
+    r0, r1 = profile["ranks"]
+    a = r0["allreduce"]
+    assert a["exposed"]["mean_s"] == pytest.approx(0.002) and a["exposed"]["share"] == pytest.approx(0.2)
+    in_flight = statistics.fmean(0.001 + w for w in exposed)
+    assert a["in_flight"]["mean_s"] == pytest.approx(in_flight)
+    assert a["hidden_share"] == pytest.approx(1 - 0.002 / in_flight)
+    assert (a["buckets"], a["bytes"], a["bytes_match"]) == (2, 4000, True) and not r1["allreduce"]["bytes_match"]
+    # Other shrinks by the exposed wait, and the parts still add up to the step.
+    other = 0.010 - (0.001 + 0.001 + 0.002 + 0.0005 + 0.002 + 0.0005) - 0.002
+    assert r0["phases"]["other"]["mean_s"] == pytest.approx(other)
+    assert profiler.sum_shares(r0) == pytest.approx(1.0)
+    table = profiler.render_table(profile)
+    assert "wait dp all-reduce" in table and "DIFFERS" in table and "equal" in table
     profiler.plot_timeline(profile, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 0
 
@@ -177,7 +207,7 @@ def test_profiled_run_writes_profile_table_and_timeline(tmp_path, capfd):
         assert r["nvml"] == {"available": False, "reason": "this rank runs on the CPU, not on an NVIDIA GPU"}
         kinds = {e[0] for e in r["timeline"]["events"]}
         assert kinds == {"data", "forward", "comm", "loss", "backward", "optimizer"}
-        assert r["trace"] is None
+        assert r["trace"] is None and r["allreduce"] is None  # one pair: no data-parallel all-reduce
     check_bytes_against_analytic(profile, cfg)
     assert profile["machine"]["cores"] >= 1 and profile["machine"]["cpu"] and profile["machine"]["host"]
     assert profile["versions"]["torch"] == torch.__version__ and profile["versions"]["backend"] == "gloo"
@@ -207,3 +237,31 @@ def test_traced_run_with_fc8_on_column_0(tmp_path):
         names = {e.get("name") for e in events}
         assert {"exchange:fc8.forward", "exchange:logits.forward", "exchange:conv3.backward"} <= names
         assert sum(1 for n in names if str(n).startswith("ProfilerStep#")) == 2  # the active steps
+
+
+def test_profiled_2x2_run_reports_the_data_parallel_allreduce(tmp_path):
+    argv = [*TINY, "train.epochs=1", "data.train_size=96", "profile.enabled=true", f"run.out_dir={tmp_path}",
+            "run.name=run"]
+    codes = run_ranks(script_worker, world_size=4, args=(argv,), timeout=240)
+    assert set(codes.values()) == {0}
+    run = tmp_path / "run"
+    profile = json.loads((run / "profile.json").read_text())
+    cfg = build_config(overrides=TINY)
+    assert [(r["rank"], r["column"], r["dp_rank"]) for r in profile["ranks"]] == [
+        (0, 0, 0), (1, 1, 0), (2, 0, 1), (3, 1, 1)]
+    assert profile["steps"]["seen"] == 6 and profile["steps"]["measured"] == 4
+    check_bytes_against_analytic(profile, cfg)
+    for r in profile["ranks"]:
+        a = r["allreduce"]
+        column = build_column(cfg.model, r["column"], None, 0)
+        assert a["bytes"] == a["analytic_bytes"] == sum(p.numel() * 4 for p in column.parameters())
+        assert a["bytes_match"] and a["buckets"] >= 1
+        # The exposed wait is part of the in-flight span, and a row of the step's breakdown.
+        assert 0 <= a["exposed"]["mean_s"] <= a["in_flight"]["mean_s"] < r["step"]["mean_s"]
+        assert a["hidden_share"] == pytest.approx(1 - a["exposed"]["mean_s"] / a["in_flight"]["mean_s"])
+        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["timeline"]["allreduce"]["buckets"] == a["buckets"]
+        assert "allreduce" in {e[0] for e in r["timeline"]["events"]}
+    table = profiler.render_table(profile)
+    assert "wait dp all-reduce" in table and "data-parallel gradient all-reduce per step" in table
+    assert table.count("equal") == sum(len(r["crossings"]) for r in profile["ranks"]) + 4

@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 from alexnet_mp.config import build_config
 from alexnet_mp.distributed import LaunchError, ParallelDims, setup
 from alexnet_mp.model import build_column, build_reference, dropout_generator, merge_states, param_groups
+from alexnet_mp.profiler import AllReduceMeter, HostClock
 from harness import run_ranks
 from test_parity import GRAD_TOL, WEIGHT_TOL, small_cfg
 from test_train import TINY, final_weights, script_worker
@@ -44,12 +45,19 @@ def dp_steps(model, cfg, replica=0, replicas=1):
 def dp_worker(rank):
     cfg = small_cfg()
     layout = setup(cfg.dist)
-    column = build_column(cfg.model, layout.column, layout.link(60), cfg.train.seed)
-    column.set_dropout_generator(dropout_generator(cfg.train.seed, "cpu"), layout.dp_rank, layout.dims.dp)
-    net = DistributedDataParallel(column, process_group=layout.dp_group)
-    net.set_dropout_generator = column.set_dropout_generator
-    grads, weights = dp_steps(net, cfg, layout.dp_rank, layout.dims.dp)
-    return {"column": layout.column, "replica": layout.dp_rank, "grads": grads, "weights": weights}
+    out = {"column": layout.column, "replica": layout.dp_rank}
+    for metered in (False, True):  # the profiler's all-reduce hook must not change a bit
+        column = build_column(cfg.model, layout.column, layout.link(60), cfg.train.seed)
+        net = DistributedDataParallel(column, process_group=layout.dp_group)
+        meter = AllReduceMeter(net, layout.dp_group, HostClock()) if metered else None
+        net.set_dropout_generator = column.set_dropout_generator
+        grads, weights = dp_steps(net, cfg, layout.dp_rank, layout.dims.dp)
+        if metered:
+            out.update(metered_weights=weights, buckets=meter.take(),
+                       grad_bytes=sum(p.numel() * p.element_size() for p in column.parameters()))
+        else:
+            out.update(grads=grads, weights=weights)
+    return out
 
 
 def test_dp_x_mp_step_equals_reference_step_on_the_global_batch():
@@ -69,6 +77,11 @@ def test_dp_x_mp_step_equals_reference_step_on_the_global_batch():
     for column in (0, 1):  # replicas stay identical, bit for bit
         a, b = by_replica[0][column]["weights"], by_replica[1][column]["weights"]
         assert all(torch.equal(a[k], b[k]) for k in a)
+    for res in results.values():
+        assert all(torch.equal(res["metered_weights"][k], w) for k, w in res["weights"].items())
+        # Every gradient byte of the column went through the meter once per step, and every bucket finished.
+        assert sum(nbytes for _, _, nbytes in res["buckets"]) == STEPS * res["grad_bytes"]
+        assert all(ready >= launch for launch, ready, _ in res["buckets"])
 
 
 def run_world(tmp_path, world_size, *extra, name):
