@@ -59,7 +59,7 @@ def guarded(what: str, group=None):
     """Report a collective that failed or passed its timeout as a PeerError naming it and its peers."""
     try:
         yield
-    except PeerError:
+    except (PeerError, torch.OutOfMemoryError):  # the latter is a RuntimeError, but no peer's fault
         raise
     except RuntimeError as e:  # gloo and NCCL raise DistBackendError, a RuntimeError
         raise PeerError(
@@ -78,7 +78,8 @@ def step_verdict(loss, model, device, stop_requested: bool, group=None) -> tuple
     # per gradient tensor.
     checks = [torch.isfinite(loss).all(), *(torch.isfinite(p.grad).all() for p in model.parameters()
                                             if p.grad is not None)]
-    flags = torch.stack([torch.stack(checks).all(), torch.tensor(not stop_requested, device=device)]).int()
+    # torch.full fills on the device; torch.tensor(...) would copy from the host and, on CUDA, wait.
+    flags = torch.stack([torch.stack(checks).all(), torch.full((), not stop_requested, device=device)]).int()
     with guarded("per-step agreement (all-reduce of the finite and stop flags)", group):
         # Waited on here, with the deadline: on NCCL the error would otherwise surface later, at
         # the first synchronisation, far from its cause.

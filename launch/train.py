@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -90,12 +91,14 @@ def on_main_first(layout, fn):
     return kept[0] if layout.is_main else fn()
 
 
-def sum_over_replicas(values: list[float], layout) -> list[float]:
-    """Add up per-replica figures; both columns of a pair hold the same ones."""
-    if layout.dims.dp == 1:
-        return list(values)
+def sum_over_replicas(values, layout) -> list[float]:
+    """Add up per-replica figures (a list, or a float64 tensor on the device), read once.
+
+    Both columns of a pair hold the same figures, so the sum runs over the data-parallel group.
+    """
     t = torch.as_tensor(values, dtype=torch.float64, device=layout.device)
-    dist.all_reduce(t, group=layout.dp_group)
+    if layout.dims.dp > 1:
+        dist.all_reduce(t, group=layout.dp_group)
     return t.tolist()
 
 
@@ -111,10 +114,11 @@ def evaluate(model, loader, layout, ten_crop=False) -> dict:
         else:
             probs = F.softmax(model(images), dim=1)
         top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-        sums += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
-                             (top5[:, 0] == labels).sum().double(), (top5 == labels[:, None]).any(1).sum().double(),
-                             torch.tensor(len(labels), dtype=torch.float64, device=device)])
-    loss, top1, top5, n = sum_over_replicas(sums.tolist(), layout)
+        sums[:3] += torch.stack([F.nll_loss(probs.clamp_min(1e-12).log(), labels, reduction="sum").double(),
+                                 (top5[:, 0] == labels).sum().double(),
+                                 (top5 == labels[:, None]).any(1).sum().double()])
+        sums[3] += len(labels)
+    loss, top1, top5, n = sum_over_replicas(sums, layout)
     return {"loss": loss / n, "top1": top1 / n, "top5": top5 / n}
 
 
@@ -185,7 +189,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                 say(f"warning: resuming with a global batch of {global_batch} repeats {leftover} images of "
                     f"epoch {start_epoch + 1} (the checkpoint stopped after {trainer['images_in_epoch']})")
             schedule.load_state_dict(trainer["schedule"])
-            partial = trainer.get("partial")
+            partial = trainer.get("partial") if layout.dp_rank == 0 else None
             skipped = trainer.get("skipped", 0)
             if layout.is_main:
                 rundir.truncate_metrics(run_path, start_epoch)
@@ -196,6 +200,11 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
         say(f"initialised from {cfg.run.init_from}")
 
     def save_checkpoint(epoch, batch, sums):
+        if sums is not None and layout.dims.dp > 1:
+            # The epoch so far, every replica's share: a resume, with any number of replicas,
+            # carries it on the first replica alone.
+            loss_sum, correct, seen = sum_over_replicas([sums["loss"], sums["correct"], sums["seen"]], layout)
+            sums = dict(sums, loss=loss_sum, correct=int(correct), seen=int(seen))
         if layout.dp_rank == 0:  # one copy of each column, from the first replica
             write_checkpoint(epoch, batch, sums)
         if layout.dims.dp > 1:
@@ -245,13 +254,21 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                         f"({global_batch}); lower train.batch_size")
     say(f"run directory: {run_path}; {steps_per_epoch} steps per epoch; "
         f"{layout.dims.dp} replica(s) x 2 columns on {device}")
-    record, stop, preempted = {}, False, False
-    prof.attach(model, link, optimizer, run_path, ddp=net if net is not model else None)
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if epoch > start_epoch and dataset_fingerprint(cfg) != data.fingerprint:
+    def check_data_unchanged():
+        if dataset_fingerprint(cfg) != data.fingerprint:
             raise DataError(f"the data set changed during the run ({cfg.data.root or cfg.data.dataset}: files "
                             f"added, removed or modified); the checkpoint of epoch {epoch} is intact. Restore "
                             f"the data, or resume (run.resume={run_path}) to continue on the new contents")
+
+    record, stop, preempted, fail_fast = {}, False, False, False
+    # Only the all-reduce between replicas runs inside backward as a collective; a pair's own
+    # exchanges report their failures themselves.
+    backward_guard = (lambda: resilience.guarded("backward (with the data-parallel gradient all-reduce)",
+                                                 layout.dp_group)) if layout.dims.dp > 1 else nullcontext
+    prof.attach(model, link, optimizer, run_path, ddp=net if net is not model else None)
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if epoch > start_epoch:
+            decided_by_main(layout, check_data_unchanged)  # one scan, one verdict for every rank
         lr = schedule.lr(epoch) * lr_factor
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -276,7 +293,7 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
             logits = net(images)
             loss = F.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
-            with resilience.guarded("backward (with the data-parallel gradient all-reduce)", layout.dp_group):
+            with backward_guard():
                 loss.backward()
             finite, preempted = resilience.step_verdict(loss, model, device, bool(resilience.stop_requested()))
             if not finite:
@@ -290,13 +307,15 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
                 continue  # a stop request stays raised: the next step stops
             optimizer.step()
             step += 1
-            if step == 1:  # start-up is over: fail fast from now on
+            if not fail_fast:  # start-up (or resume) is over: fail fast from now on
                 resilience.set_timeouts(cfg.dist.timeout_s, link, (layout.mp_group, layout.dp_group))
+                fail_fast = True
             running += torch.stack([loss.detach().double() * len(labels), (logits.argmax(1) == labels).sum().double()])
             sums["seen"] += len(labels)
             prof.step_end()
             bar.update(1)
-            if bar.n % 10 == 0 or bar.n == steps_per_epoch:
+            # Only a shown bar needs the running figures; reading them waits for the device.
+            if not bar.disable and ((batch + 1) % 10 == 0 or batch + 1 == steps_per_epoch):
                 fold_running()
                 elapsed = sums["seconds"] + time.perf_counter() - tick
                 bar.set_postfix(loss=f"{sums['loss'] / sums['seen']:.3f}", acc=f"{sums['correct'] / sums['seen']:.3f}",
@@ -326,10 +345,10 @@ def train(cfg, layout, prof=NullProfiler()) -> dict:
         if epoch + 1 == cfg.train.epochs and ten_crop:
             tc = evaluate(net, val_batches(True), layout, ten_crop=True)
             record.update(val_tencrop_top1=tc["top1"], val_tencrop_top5=tc["top5"])
-        save_checkpoint(epoch + 1, 0, None)
-        if layout.is_main:
+        if layout.is_main:  # before the checkpoint: a resume from an older one truncates the record away
             rundir.append_metrics(run_path, record)
             rundir.plot(run_path)
+        save_checkpoint(epoch + 1, 0, None)
         say(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} top-1 {record['train_top1']:.3f} | "
             f"val loss {val['loss']:.3f} top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} | lr {lr:g} | "
             f"{record['images_per_sec']:.0f} img/s")

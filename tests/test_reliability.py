@@ -126,27 +126,30 @@ def hang(done: Path) -> None:
 
 def hang_in_step_worker(rank, argv, done):
     """Rank 1 stops answering just before step 2's agreement."""
-    real, calls, began = resilience.step_verdict, [0], [0.0]
+    real, calls = resilience.step_verdict, [0]
 
     def verdict(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 2:
-            began[0] = time.monotonic()
-            if rank == 1:
-                hang(Path(done))
+        if calls[0] == 2 and rank == 1:
+            hang(Path(done))
         return real(*args, **kwargs)
 
     resilience.step_verdict = verdict
     code = train_script.main(argv)
     Path(done).touch()
-    return code, time.monotonic() - began[0]
+    return code
 
 
-def test_hung_peer_in_a_collective_ends_the_survivor_within_the_timeout(tmp_path, capfd):
+@pytest.mark.parametrize("resumed", [False, True])
+def test_hung_peer_in_a_collective_ends_the_survivor_within_the_timeout(tmp_path, capfd, resumed):
     argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=hang", f"dist.timeout_s={TIMEOUT_S}"]
-    code, seconds = run_ranks(hang_in_step_worker, args=(argv, str(tmp_path / "done")), wait_for=[0], timeout=120)[0]
+    if resumed:  # the short timeout must also follow a resume's first step, not only a fresh run's step 1
+        run_script(tmp_path, "train.max_steps=3", name="hang")
+        argv += [f"run.resume={tmp_path / 'hang'}", "train.max_steps=0"]
+    # No clock in the test: the harness's timeout fails it if the survivor waits on.
+    code = run_ranks(hang_in_step_worker, args=(argv, str(tmp_path / "done")), wait_for=[0], timeout=120)[0]
     err = capfd.readouterr().err
-    assert code == 1 and seconds < TIMEOUT_S + 10
+    assert code == 1
     assert "per-step agreement" in err and "with rank 1" in err and f"{TIMEOUT_S} s timeout" in err
     # The survivor's flight recorder names the collective it was stuck in, and where it was called.
     dump = tmp_path / "hang" / "flight_recorder" / "rank_0"
@@ -163,24 +166,24 @@ def hang_in_checkpoint_worker(rank, root, done):
     resilience.set_timeouts(TIMEOUT_S, None, (layout.mp_group, layout.dp_group))
     if rank == 1:
         hang(Path(done))
-    began, error = time.monotonic(), None
+    error = None
     try:
         checkpoint.save(Path(root), 1, layout.column, {"w": torch.ones(1)}, {}, 1, layout.mp_group)
     except PeerError as e:
         error = str(e)
     Path(done).touch()
-    return error, time.monotonic() - began
+    return error
 
 
 def test_hung_peer_in_a_checkpoint_commit_ends_the_survivor_within_the_timeout(tmp_path):
-    error, seconds = run_ranks(hang_in_checkpoint_worker, args=(str(tmp_path / "ckpt"), str(tmp_path / "done")),
-                               wait_for=[0], timeout=60)[0]
+    error = run_ranks(hang_in_checkpoint_worker, args=(str(tmp_path / "ckpt"), str(tmp_path / "done")),
+                      wait_for=[0], timeout=60)[0]
     assert error is not None and "checkpoint start" in error and "rank 1" in error
-    assert seconds < TIMEOUT_S + 10
+    assert f"{TIMEOUT_S} s timeout" in error
     assert checkpoint.committed(tmp_path / "ckpt") == []  # nothing half-written counts as a checkpoint
 
 
-def test_nccl_error_handling_and_flight_recorder_are_switched_on_before_start():
+def test_debug_env_turns_on_nccl_error_handling_and_the_flight_recorder():
     env = resilience.debug_env("nccl", 2000)
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == env["TORCH_FR_BUFFER_SIZE"] == "2000"
@@ -437,3 +440,9 @@ def test_yaml_with_python_tags_is_refused_without_running_anything(tmp_path):
     assert not target.exists()
     with pytest.raises(ConfigError, match="dist.flight_recorder"):
         build_config(overrides=["dist.flight_recorder=-1"])
+
+
+def test_out_of_memory_is_not_blamed_on_a_peer():
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        with resilience.guarded("backward (with the data-parallel gradient all-reduce)"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -102,12 +102,25 @@ def test_checkpoint_from_4_processes_resumes_with_4_and_with_2(tmp_path, capfd):
     resumed = final_weights(cut)
     for c in (0, 1):
         assert all(torch.equal(resumed[c][k], straight[c][k]) for k in straight[c]), f"column {c}"
+    # The interrupted epoch's training figures add up both replicas' shares from before the cut too.
+    straight_epoch, cut_epoch = (read_records(tmp_path / name)[-1] for name in ("straight", "cut"))
+    assert cut_epoch["train_top1"] == straight_epoch["train_top1"]
+    assert cut_epoch["train_loss"] == pytest.approx(straight_epoch["train_loss"], rel=1e-9)
     # With 2 processes the global batch halves: 64 images of epoch 2 were done, 4 steps of 8 follow.
+    at_cut = final_weights(tmp_path / "cut2")
     capfd.readouterr()
     run_world(tmp_path, 2, f"run.resume={tmp_path / 'cut2'}", "train.max_steps=0", name="unused2")
     assert f"resumed from {tmp_path / 'cut2' / 'checkpoints' / 'step-000000010'}" in capfd.readouterr().out
-    records = [json.loads(x) for x in (tmp_path / "cut2" / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path / "cut2")
     assert [r["epoch"] for r in records] == [1, 2] and records[-1]["step"] == 10 + 4
+    after = final_weights(tmp_path / "cut2")
+    for c in (0, 1):  # the 4 steps trained the step-10 weights on
+        assert all(torch.isfinite(w).all() for w in after[c].values())
+        assert not all(torch.equal(after[c][k], at_cut[c][k]) for k in at_cut[c]), f"column {c}"
+
+
+def read_records(run_path):
+    return [json.loads(x) for x in (run_path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_odd_world_size_and_wrong_replica_count_are_refused():
