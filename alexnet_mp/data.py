@@ -48,8 +48,8 @@ class DataError(ValueError):
 
 VERIFY_AT_BUILD_MAX = 5000  # folder sets up to this many files are fully decoded at build time
 STATS_IMAGES = 1000  # training images sampled for the mean/std/PCA statistics
-_STATS_VERSION = 1  # bump when the statistics change meaning, to ignore old cache files
-_SYNTH_VERSION = 1  # bump when the synthetic images change, so fingerprints change with them
+_STATS_VERSION = 2  # bump when the statistics change meaning, to ignore old cache files
+_SYNTH_VERSION = 2  # bump when the synthetic images change, so fingerprints change with them
 SYNTH_MEMORY_MAX = 1 << 30  # bytes: larger synthetic splits are rendered on access, not kept
 
 # Salts keep the streams drawn from one train.seed apart.

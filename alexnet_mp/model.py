@@ -24,7 +24,7 @@ from .config import ModelConfig, spatial_sizes
 from .exchange import (BroadcastFromFirst, ExchangeWithFirst, GatherFromPeer, GatherOutput,
                        GatherToFirst, PeerLink)
 from .lrn import LocalResponseNorm
-from .overlap import CrossingLayer, compute_dtype, op_for
+from .overlap import CrossingLayer, op_for
 
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 # Layers that read both columns' outputs, i.e. where the columns exchange.
@@ -180,22 +180,14 @@ class AlexNetColumn(_AlexNetBase):
             for name in CROSSINGS:
                 if hasattr(self, name):
                     mutual = not (name == "fc8" and cfg.fc8 == "rank0")
-                    getattr(self, name).forward = functools.partial(self.overlapped, getattr(self, name),
-                                                                    name, mutual)
-
-    def wire(self, act):
-        """The activations as they cross: in the autocast dtype, if autocast is on.
-
-        Autocast leaves LRN and pooling outputs in fp32; casting here keeps
-        bf16 on the wire and is what the crossing layer would do anyway.
-        """
-        return act.to(compute_dtype(act))
+                    layer = getattr(self, name)
+                    layer.forward = functools.partial(self.overlapped, layer, op_for(layer), name, mutual)
 
     def gather(self, act_shard, crossing):
-        return GatherFromPeer.apply(self.wire(act_shard), self.link, crossing)
+        return GatherFromPeer.apply(act_shard, self.link, crossing)
 
-    def overlapped(self, layer, crossing, mutual, act_shard):
-        return CrossingLayer.apply(act_shard, layer.weight, layer.bias, op_for(layer), self.link, crossing, mutual)
+    def overlapped(self, layer, op, crossing, mutual, act_shard):
+        return CrossingLayer.apply(act_shard, layer.weight, layer.bias, op, self.link, crossing, mutual)
 
     def cross(self, layer, act_shard, crossing):
         """`layer` applied to both columns' activations."""
@@ -225,11 +217,11 @@ class AlexNetColumn(_AlexNetBase):
             logits_shard = self.cross(self.fc8, act_shard, "fc8")
             return GatherOutput.apply(logits_shard, self.peer_classes, self.link)
         if self.column == 1:
-            return ExchangeWithFirst.apply(self.wire(act_shard), self.cfg.num_classes, self.link)
+            return ExchangeWithFirst.apply(act_shard, self.cfg.num_classes, self.link)
         if self.overlap:
             logits = self.fc8(act_shard)
         else:
-            logits = self.fc8(GatherToFirst.apply(self.wire(act_shard), self.link))
+            logits = self.fc8(GatherToFirst.apply(act_shard, self.link))
         return BroadcastFromFirst.apply(logits, self.link)
 
 

@@ -19,7 +19,6 @@ halves the bytes); the weights stay fp32 and their gradients come back fp32.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -37,8 +36,7 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 def _autocast_off(t: torch.Tensor):
     # The Function casts explicitly, so autocast must not cast again (and it
     # has no rule for convolution_backward, which would see mixed dtypes).
-    device = t.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
+    return torch.autocast(t.device.type, enabled=False)
 
 
 class ConvOp:
@@ -91,21 +89,22 @@ class CrossingLayer(torch.autograd.Function):
         own = own.to(dtype)  # what goes on the wire: bf16 under bf16 autocast
         with _autocast_off(own):
             pending = link.start(own if mutual else None, own.shape, own, crossing, "forward")
-            w_own, w_peer = link.split(weight.to(dtype), own.shape[1])
+            w = weight.to(dtype)  # saved as cast: backward need not cast the weight again
+            w_own, w_peer = link.split(w, own.shape[1])
             out = op.forward(own, w_own, bias.to(dtype))
             peer = pending.wait()  # both columns' crossings have the same width
             out += op.forward(peer, w_peer)
-        ctx.save_for_backward(own, peer, weight)
+        ctx.save_for_backward(own, peer, w)
+        ctx.weight_dtype = weight.dtype
         ctx.op, ctx.link, ctx.crossing, ctx.mutual = op, link, crossing, mutual
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        own, peer, weight = ctx.saved_tensors
+        own, peer, w = ctx.saved_tensors
         op, link = ctx.op, ctx.link
         with _autocast_off(grad_out):
             g = grad_out.to(own.dtype)
-            w = weight.to(own.dtype)
             w_own, w_peer = link.split(w, own.shape[1])
             # First what the peer is waiting for, then the rest behind its transfer.
             grad_peer = op.backward(g, peer, w_peer, input=True)[0]
@@ -117,5 +116,5 @@ class CrossingLayer(torch.autograd.Function):
             from_peer = pending.wait()
             if from_peer is not None:
                 grad_own += from_peer
-        return (grad_own.to(ctx.input_dtype), grad_w.to(weight.dtype), grad_b.to(weight.dtype),
+        return (grad_own.to(ctx.input_dtype), grad_w.to(ctx.weight_dtype), grad_b.to(ctx.weight_dtype),
                 None, None, None, None)

@@ -334,7 +334,7 @@ class Profiler:
         # DDP all-reduces every gradient once a step, in the parameters' dtype (fp32, also under bf16 autocast).
         self.allreduce_analytic = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         self.column, self.attached = self.layout.column, True
-        # Everything crosses in the autocast dtype under dist.amp=bf16 (overlap.py, model.wire).
+        # Everything crosses in the autocast dtype under dist.amp=bf16 (every layer and the LRN keep bf16).
         self.element_size = 2 if self.cfg.dist.amp == "bf16" else 4
         self.model_state_bytes = 3 * sum(p.numel() * p.element_size() for p in model.parameters())
         self.analytic_cache = {}

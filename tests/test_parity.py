@@ -108,7 +108,8 @@ def pair_worker(rank, overrides, variants, broken_backward=False):
             model = build_column(cfg.model, layout.column, link, cfg.train.seed, overlap=overlap, amp="bf16")
             model.set_dropout_generator(dropout_generator(cfg.train.seed, "cpu"))  # the reference's masks
             logits, bytes_one_step = one_step_bytes(model, cfg, link)
-            results[f"amp_overlap={overlap}"] = {"logits": logits, "bytes": bytes_one_step}
+            results[f"amp_overlap={overlap}"] = {"logits": logits, "bytes": bytes_one_step,
+                                                 "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
     return results
 
 
@@ -174,6 +175,12 @@ def test_bf16_autocast_halves_the_bytes_and_keeps_the_logits(pair_run, overlap):
         assert amp["logits"].dtype == torch.float32  # the loss is taken in fp32
         torch.testing.assert_close(amp["logits"], ref["logits"], **AMP_TOL)
         assert not torch.equal(amp["logits"], results[rank]["plain"]["logits"])  # bf16 did round
+    # The overlapped bf16 backward (its own Function) against autocast's, on the same bf16 forward.
+    grads, autocast_grads = (merge_states([results[rank][f"amp_overlap={o}"]["grads"] for rank in (0, 1)], cfg.model)
+                             for o in (overlap, False))
+    for name, g in autocast_grads.items():
+        assert grads[name].dtype == torch.float32  # fp32 gradients for the fp32 weights
+        torch.testing.assert_close(grads[name], g, **AMP_TOL, msg=lambda m: f"{name}: {m}")
 
 
 def test_gradient_check_has_teeth():
