@@ -181,7 +181,7 @@ def spatial_sizes(crop: int) -> list[int]:
     return [conv1, pool1, pool1, pool2, pool2, pool2, pool2, pool5]
 
 
-MIN_CROP = 67  # the smallest crop that survives all three poolings (PAPER.md)
+MIN_CROP = 67  # the smallest crop that survives all three poolings (15 -> 7 -> 7 -> 3 -> 3 -> 1)
 
 
 def _validate(cfg: Config) -> None:

@@ -53,7 +53,7 @@ import statistics
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .model import LAYERS
-from .summary import analytic_bytes, reference_memory
+from .summary import analytic_bytes, column_params, reference_memory
 
 KEEP_STEPS = 1000  # step records kept for the summary: the latest ones
 MEMORY_STEPS = 5  # memory peaks are read at the end of the run's first steps only (cheap, and before any evaluation)
@@ -318,7 +318,8 @@ class Profiler:
         self.timing = False  # inside a training step: the hooks record only then
         self.records = deque(maxlen=KEEP_STEPS)
         self.seen = 0  # training steps started since attach
-        self.byte_mismatches, self.bytes_checked = [], 0
+        # Mismatched steps per key (all of them) and the first few in full.
+        self.mismatch_counts, self.byte_mismatches, self.bytes_checked = Counter(), [], 0
         self.undo = []  # how to take every hook out again
         self.sampler, self.nvml_report, self.torch_prof, self.trace_written = None, None, None, False
 
@@ -331,8 +332,8 @@ class Profiler:
         """Hook into this run's model, link, optimizer and DDP wrapper (with replicas); start NVML and the trace."""
         self.model, self.link, self.run_path = model, link, Path(run_path)
         self.allreduce = AllReduceMeter(ddp, self.layout.dp_group, self.clock) if ddp is not None else None
-        # DDP all-reduces every gradient once a step, in the parameters' dtype (fp32, also under bf16 autocast).
-        self.allreduce_analytic = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        # DDP all-reduces every gradient once a step, in fp32 (the parameters' dtype, also under bf16 autocast).
+        self.allreduce_analytic = 4 * column_params(self.cfg.model, self.layout.column)
         self.column, self.attached = self.layout.column, True
         # Everything crosses in the autocast dtype under dist.amp=bf16 (every layer and the LRN keep bf16).
         self.element_size = 2 if self.cfg.dist.amp == "bf16" else 4
@@ -386,15 +387,20 @@ class Profiler:
         prof.export_chrome_trace(str(self.trace_file))
         self.trace_written = True
 
-    def __exit__(self, exc_type, exc, tb):
-        if not self.attached:
-            return False
+    def detach(self):
+        """Take every hook out and stop the trace and NVML; returns the NVML report."""
         self.timing = False
         for remove in self.undo:
             remove()
+        self.undo = []
         if self.torch_prof is not None:
             self.torch_prof.stop()  # writes the trace if the run ended inside the window
-        nvml = self.sampler.stop() if self.sampler else self.nvml_report
+        return self.sampler.stop() if self.sampler else self.nvml_report
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.attached:
+            return False
+        nvml = self.detach()
         if exc_type is not None:  # the peer may be gone: no collectives
             return False
         mine = {"rank": self.layout.rank, "column": self.column, "peer": self.layout.peer_rank,
@@ -402,7 +408,7 @@ class Profiler:
                 "threads": torch.get_num_threads(), "machine": machine_info(self.layout.device),
                 "versions": versions(self.layout.backend, self.layout.device),
                 "steps": self._resolved_records(), "seen": self.seen, "bytes_checked": self.bytes_checked,
-                "byte_mismatches": self.byte_mismatches[:10],
+                "byte_mismatches": self.byte_mismatches, "mismatch_counts": dict(self.mismatch_counts),
                 "analytic": self._analytic(self._typical_batch()),
                 "allreduce_analytic": self.allreduce_analytic if self.allreduce else None,
                 "memory": dict(self.memory, model_state_bytes=self.model_state_bytes), "nvml": nvml,
@@ -459,8 +465,7 @@ class Profiler:
         moved = self._check_bytes()
         reduced = sum(b[2] for b in buckets) if buckets is not None else None
         if reduced is not None and reduced != self.allreduce_analytic:
-            self.byte_mismatches.append({"step": self.index, "key": "dp.allreduce", "measured": [reduced],
-                                         "analytic": [self.allreduce_analytic]})
+            self._mismatch("dp.allreduce", [reduced], [self.allreduce_analytic])
         if self.seen <= MEMORY_STEPS:
             self._read_memory()
         if self.index >= self.skip and self.index not in self.traced:
@@ -499,8 +504,13 @@ class Profiler:
             want = [expected[key]["sent"], expected[key]["recv"]] if key in expected else [0, 0]
             got = moved.get(key, [0, 0])
             if got != want:
-                self.byte_mismatches.append({"step": self.index, "key": key, "measured": got, "analytic": want})
+                self._mismatch(key, got, want)
         return moved
+
+    def _mismatch(self, key: str, measured: list, analytic: list) -> None:
+        self.mismatch_counts[key] += 1
+        if len(self.byte_mismatches) < 10:
+            self.byte_mismatches.append({"step": self.index, "key": key, "measured": measured, "analytic": analytic})
 
     def _analytic(self, batch: int) -> dict:
         if batch not in self.analytic_cache:
@@ -636,7 +646,7 @@ def summarise_rank(data: dict, peer: dict | None) -> dict:
         for (kind, name), values in peer_parts.items():
             if kind == "comm":
                 peer_waits[name] = {s["index"]: v for s, v in zip(peer["steps"], values)}
-    mismatched = {m["key"] for m in data["byte_mismatches"]}
+    mismatched = set(data["mismatch_counts"])
     last = steps[-1]
     for (kind, key), values in parts.items():
         if kind != "comm":
@@ -683,7 +693,8 @@ def build_profile(ranks: list[dict], cfg, run_dir: str, skipped: int, traced: in
         row["host"], row["gpu"] = r["machine"]["host"], r["machine"]["gpu"]
         row.update(summarise_rank(r, by_rank.get(r["peer"])))
         row.update(memory=r["memory"], nvml=r["nvml"], trace=r["trace"],
-                   bytes_checked_steps=r["bytes_checked"], byte_mismatches=r["byte_mismatches"])
+                   bytes_checked_steps=r["bytes_checked"], byte_mismatches=r["byte_mismatches"],
+                   mismatch_counts=r["mismatch_counts"])
         step = next((s for s in r["steps"] if s["index"] == shown), r["steps"][0])
         row["timeline"] = {"step": step["index"], "seconds": step["seconds"], "events": step["events"],
                            "allreduce": step.get("allreduce")}

@@ -40,6 +40,11 @@ def layer_table(cfg: ModelConfig) -> list[dict]:
     return rows
 
 
+def column_params(cfg: ModelConfig, column: int) -> int:
+    """The parameters one column holds (what its data-parallel all-reduce carries)."""
+    return sum(row["columns"][column]["params"] for row in layer_table(cfg))
+
+
 def param_count(cfg: ModelConfig) -> int:
     return sum(r["params"] for r in layer_table(cfg))
 

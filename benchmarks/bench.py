@@ -44,7 +44,7 @@ from alexnet_mp.config import DistConfig, build_config, config_from_dict  # noqa
 from alexnet_mp.exchange import PeerLink  # noqa: E402
 from alexnet_mp.model import build_column, build_reference, dropout_generator, param_groups  # noqa: E402
 from alexnet_mp.profiler import AllReduceMeter, CudaClock, HostClock, allreduce_spans  # noqa: E402
-from alexnet_mp.summary import analytic_bytes, forward_macs, param_count  # noqa: E402
+from alexnet_mp.summary import analytic_bytes, column_params, forward_macs, param_count  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 PRESETS = {
@@ -129,6 +129,17 @@ def synthetic_batch(model_cfg, batch: int, device: torch.device):
     return images, labels
 
 
+_DP_MP_GROUPS = []
+
+
+def dp_mp_groups():
+    """The 2 x 2 mode's (pair groups, replica groups), made once per worker: groups are never freed."""
+    if not _DP_MP_GROUPS:
+        _DP_MP_GROUPS.extend([[dist.new_group([0, 1]), dist.new_group([2, 3])],
+                              [dist.new_group([0, 2]), dist.new_group([1, 3])]])
+    return _DP_MP_GROUPS
+
+
 def train_task(task: dict, rank: int, device: torch.device) -> dict:
     """Time `steps` training steps of one mode after `warmup` untimed ones."""
     cfg = config_from_dict(task["config"])
@@ -144,8 +155,7 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
                              channels_last=channels_last)
     elif mode == DP_MP_MODE[0]:  # ranks 2i, 2i+1: pair i; each pair half the global batch
         column, replica = rank % 2, rank // 2
-        mp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-        dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        mp_groups, dp_groups = dp_mp_groups()
         link = PeerLink(column, rank ^ 1, mp_groups[replica], timeout_s=600)
         model = build_column(cfg.model, column, link, SEED, device, overlap=True, amp=amp,
                              channels_last=channels_last)
@@ -155,12 +165,12 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
     model.set_dropout_generator(dropout_generator(SEED, device))
-    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     clock = CudaClock() if device.type == "cuda" else HostClock()
     meter = None  # the data-parallel gradient all-reduce, where there is one
     if mode == DP_MP_MODE[0]:
         model = torch.nn.parallel.DistributedDataParallel(model, process_group=dp_groups[column])
         meter = AllReduceMeter(model, dp_groups[column], clock)
+        gradient_bytes = 4 * column_params(cfg.model, column)  # fp32 gradients, counted from the config
     optimizer = torch.optim.SGD(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                 momentum=cfg.train.momentum, fused=True)
     if mode == "ddp":  # each process half of the batch, gradients all-reduced
@@ -168,6 +178,7 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
         meter = AllReduceMeter(model, None, clock)
+        gradient_bytes = 4 * param_count(cfg.model)
     reference_model = mode not in (*MP_MODES, DP_MP_MODE[0])  # the columns cast and reformat themselves
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16" and reference_model)
 
@@ -217,7 +228,8 @@ def train_task(task: dict, rank: int, device: torch.device) -> dict:
         pair_batch = batch // 2 if mode == DP_MP_MODE[0] else batch
         analytic = analytic_bytes(cfg.model, pair_batch, rank % 2, element_size).values()
         steps = task["steps"]
-        out.update(comm_seconds=sum(link.stats.seconds.values()),
+        # On CUDA an exchange only orders streams and never holds the host up: no host time to report.
+        out.update(comm_seconds=sum(link.stats.seconds.values()) if device.type == "cpu" else None,
                    sent=sum(v["sent"] for v in link.stats.bytes.values()) / steps,
                    recv=sum(v["recv"] for v in link.stats.bytes.values()) / steps,
                    analytic_sent=sum(v["sent"] for v in analytic), analytic_recv=sum(v["recv"] for v in analytic),
@@ -391,6 +403,7 @@ def measure(args, preset: dict, cfg, device_type: str, say=print) -> dict:
         workers.close()
     if device_type == "cpu" and (not args.modes or DP_MP_MODE[0] in args.modes):
         mode, processes, threads, units = DP_MP_MODE
+        units = min(units, os.cpu_count() or units)  # 4 processes on 2 cores use 2 cores
         workers = Workers(device_type, count=processes)
         try:
             for r in range(args.repeats):

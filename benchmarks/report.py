@@ -41,8 +41,9 @@ def summarise_run(raw: dict, batch: int, flops_per_image: float, peak_flops: flo
 
     `raw` holds: mode, processes, threads, units, repeats: a list, per repeat,
     of the ranks' results: times (seconds per timed step), peak_mib and
-    above_idle_mib, for the model-parallel pair comm_seconds and the
-    bytes per step sent/recv and analytic_sent/analytic_recv, and where
+    above_idle_mib, for the model-parallel pair comm_seconds (None on GPUs,
+    where exchanges do not hold the host up) and the bytes per step
+    sent/recv and analytic_sent/analytic_recv, and where
     replicas all-reduce gradients allreduce_seconds (exposed, all timed
     steps), allreduce_bytes (per step), allreduce_analytic, allreduce_buckets.
     """
@@ -63,24 +64,26 @@ def summarise_run(raw: dict, batch: int, flops_per_image: float, peak_flops: flo
         "above_idle_mib": [max(ranks[i]["above_idle_mib"] for ranks in raw["repeats"]) for i in range(n_ranks)],
         "repeat_step_s": repeat_steps,
     }
-    if all("comm_seconds" in r for r in every):
-        measured = sum(r["sent"] + r["recv"] for r in every)
-        analytic = sum(r["analytic_sent"] + r["analytic_recv"] for r in every)
+    if all(r.get("comm_seconds") is not None for r in every):  # host time, measured on CPUs only
         cell.update(
             exposed_comm_share=statistics.fmean(r["comm_seconds"] / sum(r["times"]) for r in every),
             exposed_comm_share_per_rank=[statistics.fmean(ranks[i]["comm_seconds"] / sum(ranks[i]["times"])
-                                                          for ranks in raw["repeats"]) for i in range(n_ranks)],
+                                                          for ranks in raw["repeats"]) for i in range(n_ranks)])
+        if all("comm" in r for r in every):  # where the exposed seconds went, per step
+            keys = sorted({k for r in every for k in r["comm"]})
+            cell["comm_seconds_per_step"] = {
+                k: statistics.fmean(r["comm"].get(k, {}).get("seconds", 0.0) / len(r["times"]) for r in every)
+                for k in keys}
+    if all("sent" in r for r in every):
+        measured = sum(r["sent"] + r["recv"] for r in every)
+        analytic = sum(r["analytic_sent"] + r["analytic_recv"] for r in every)
+        cell.update(
             # What crosses the wire per step: both columns' sends.
             bytes_per_step=sum(r["sent"] for r in every) / len(raw["repeats"]),
             # Sent and received by both, against summary.analytic_bytes.
             bytes_counted_per_step=measured / len(raw["repeats"]),
             bytes_analytic_per_step=analytic / len(raw["repeats"]),
             bytes_ratio=measured / analytic)
-        if all("comm" in r for r in every):  # where the exposed seconds went, per step
-            keys = sorted({k for r in every for k in r["comm"]})
-            cell["comm_seconds_per_step"] = {
-                k: statistics.fmean(r["comm"].get(k, {}).get("seconds", 0.0) / len(r["times"]) for r in every)
-                for k in keys}
     if all("allreduce_seconds" in r for r in every):
         cell.update(
             exposed_allreduce_share=statistics.fmean(r["allreduce_seconds"] / sum(r["times"]) for r in every),
@@ -120,7 +123,7 @@ def compute_ratios(cells: list[dict], mp_mode: str, single_modes: tuple) -> dict
     return {
         "mp_vs_best_single": mp["images_per_s"] / max(singles) if mp and singles else None,
         "mp_vs_ddp_b32": mp_small["images_per_s"] / ddp["images_per_s"] if mp_small and ddp else None,
-        "exposed_comm_share": overlapped["exposed_comm_share"] if overlapped else None,
+        "exposed_comm_share": overlapped.get("exposed_comm_share") if overlapped else None,  # None on GPUs
         "bytes_measured_vs_analytic": (sum(c["bytes_counted_per_step"] for c in mp_cells)
                                        / sum(c["bytes_analytic_per_step"] for c in mp_cells)) if mp_cells else None,
         "mp_flops_share_of_matmul_peak": mp["flops_share_of_peak"] if mp else None,

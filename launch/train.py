@@ -55,9 +55,12 @@ def load_config(argv):
     parser.add_argument("--config", help=f"YAML config (default: {DEFAULT_CONFIG.relative_to(ROOT)})")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.epochs=5")
     args = parser.parse_intermixed_args(argv)
-    resume = parse_overrides(args.overrides).get("run", {}).get("resume")
-    if resume:  # continue with the run's own config; overrides still apply
-        return build_config(args.config, args.overrides, base=rundir.load_run_config(resume))
+    run_overrides = parse_overrides(args.overrides).get("run", {})
+    if run_overrides.get("resume"):  # continue with the run's own config; overrides still apply
+        base = rundir.load_run_config(run_overrides["resume"])
+        if run_overrides.get("eval_only") is True:  # evaluation writes a run of its own, not the trained run's name
+            base["run"]["name"] = ""
+        return build_config(args.config, args.overrides, base=base)
     return build_config(args.config or DEFAULT_CONFIG, args.overrides)
 
 

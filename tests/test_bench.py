@@ -70,6 +70,22 @@ def test_cells_ratios_and_targets_from_known_timings():
     assert [k for k, t in targets.items() if t["met"]] == ["mp_vs_ddp_b32", "bytes_measured_vs_analytic"]
 
 
+def test_gpu_cells_count_bytes_but_report_no_host_time_for_exchanges():
+    cells = []
+    for mode, seconds in (("single", 1.0), ("mp-overlap", 0.6)):
+        ranks = [rank_result(seconds, mode == "mp-overlap") for _ in range(2 if mode == "mp-overlap" else 1)]
+        for r in ranks:
+            if "comm_seconds" in r:
+                r["comm_seconds"] = None  # what bench.py records on CUDA
+        raw = {"mode": mode, "processes": len(ranks), "threads": 1, "units": len(ranks), "repeats": [ranks]}
+        cells.append(report.summarise_run(raw, 128, 1e9, 1e12))
+    mp = cells[1]
+    assert mp["bytes_ratio"] == pytest.approx(1.0) and "exposed_comm_share" not in mp
+    ratios = report.compute_ratios(cells, "mp-overlap", ("single",))
+    assert ratios["exposed_comm_share"] is None and report.check_targets(ratios)["exposed_comm_share"]["met"] is None
+    assert ratios["mp_vs_best_single"] == pytest.approx(1.0 / 0.6)
+
+
 def test_result_files_hold_the_ratios_and_the_table(tmp_path):
     cells = fake_cells()
     ratios = report.compute_ratios(cells, "mp-overlap", SINGLE)

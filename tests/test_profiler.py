@@ -36,6 +36,7 @@ def synthetic_rank(rank, conv3_waits, conv1_forward, nbytes=(2304, 2304)):
             "machine": {"host": "h", "cpu": "cpu", "cores": 2, "memory_bytes": 2**30, "gpu": None},
             "versions": {"torch": "t", "python": "p", "backend": "gloo"}, "steps": steps,
             "seen": len(steps) + 2, "bytes_checked": len(steps) + 2, "byte_mismatches": [],
+            "mismatch_counts": {},
             "analytic": {"conv3.forward": {"sent": 2304, "recv": 2304}},
             "memory": {"kind": "resident set (VmHWM)", "peak_bytes": 2**29, "at_start_bytes": 2**28,
                        "model_state_bytes": 1000, "scope": "the first 5 training steps"},
@@ -46,6 +47,7 @@ def test_summary_arithmetic_on_synthetic_records(tmp_path):
     waits0, waits1 = [0.004, 0.001, 0.003], [0.002, 0.002, 0.001]  # rank 0 arrives first in steps 1 and 3
     fwd0 = [0.001, 0.003, 0.002]
     ranks = [synthetic_rank(0, waits0, fwd0), synthetic_rank(1, waits1, [0.002] * 3, nbytes=(2304, 2300))]
+    ranks[1]["mismatch_counts"] = {"conv3.forward": 1}
     ranks[1]["byte_mismatches"] = [{"step": 3, "key": "conv3.forward", "measured": [2304, 2300],
                                     "analytic": [2304, 2304]}]
     cfg = build_config(overrides=TINY)
@@ -53,7 +55,7 @@ def test_summary_arithmetic_on_synthetic_records(tmp_path):
     r0, r1 = profile["ranks"]
 
     for r in (r0, r1):
-        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["phases"]["other"]["mean_s"] >= 0  # no moment counted in two parts
         assert r["step"]["mean_s"] == pytest.approx(0.010) and r["images_per_s"] == pytest.approx(800)
     assert r0["layers"]["conv1"]["forward"]["median_s"] == pytest.approx(0.002)
     assert r0["layers"]["conv1"]["forward"]["share"] == pytest.approx(0.2)
@@ -86,7 +88,8 @@ def test_allreduce_arithmetic_on_synthetic_records(tmp_path):
             step["events"].append(["allreduce", "dp.allreduce", 0.007, 0.007 + wait])
             step["allreduce"] = {"buckets": 2, "bytes": 4000, "first_launch": 0.006, "last_launch": 0.007,
                                  "last_ready": 0.007 + wait}
-    ranks[1]["byte_mismatches"] = [{"step": 3, "key": "dp.allreduce", "measured": [3996], "analytic": [4000]}]
+    # A mismatch on a step before the last, whose example was cut off: the count alone makes it DIFFER.
+    ranks[1]["mismatch_counts"] = {"dp.allreduce": 1}
     profile = profiler.build_profile(ranks, build_config(overrides=TINY), str(tmp_path), skipped=2, traced=0)
     r0, r1 = profile["ranks"]
     a = r0["allreduce"]
@@ -184,7 +187,8 @@ def check_bytes_against_analytic(profile, cfg):
         measured = {k: {"sent": c["sent_bytes"], "recv": c["recv_bytes"]} for k, c in r["crossings"].items()}
         assert measured == expected, f"rank {r['rank']}"
         assert all(c["bytes_match"] for c in r["crossings"].values())
-        assert r["byte_mismatches"] == [] and r["bytes_checked_steps"] == profile["steps"]["seen"]
+        assert r["byte_mismatches"] == [] and r["mismatch_counts"] == {}
+        assert r["bytes_checked_steps"] == profile["steps"]["seen"]
 
 
 def test_profiled_run_writes_profile_table_and_timeline(tmp_path, capfd):
@@ -202,7 +206,7 @@ def test_profiled_run_writes_profile_table_and_timeline(tmp_path, capfd):
         assert all(set(d) == {"forward", "backward"} for d in r["layers"].values())
         assert set(r["crossings"]) == set(analytic_bytes(cfg.model, 8, r["column"]))
         assert set(r["phases"]) == {"data", "loss", "optimizer", "other"}
-        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["phases"]["other"]["mean_s"] >= 0  # no moment counted in two parts
         assert r["memory"]["peak_bytes"] >= r["memory"]["at_start_bytes"] > 0
         assert r["nvml"] == {"available": False, "reason": "this rank runs on the CPU, not on an NVIDIA GPU"}
         kinds = {e[0] for e in r["timeline"]["events"]}
@@ -259,7 +263,7 @@ def test_profiled_2x2_run_reports_the_data_parallel_allreduce(tmp_path):
         # The exposed wait is part of the in-flight span, and a row of the step's breakdown.
         assert 0 <= a["exposed"]["mean_s"] <= a["in_flight"]["mean_s"] < r["step"]["mean_s"]
         assert a["hidden_share"] == pytest.approx(1 - a["exposed"]["mean_s"] / a["in_flight"]["mean_s"])
-        assert profiler.sum_shares(r) == pytest.approx(1.0)
+        assert r["phases"]["other"]["mean_s"] >= 0  # no moment counted in two parts
         assert r["timeline"]["allreduce"]["buckets"] == a["buckets"]
         assert "allreduce" in {e[0] for e in r["timeline"]["events"]}
     table = profiler.render_table(profile)

@@ -145,7 +145,10 @@ def logits_worker(rank, run, images):
 
 def test_eval_only_writes_the_same_metric_keys(tmp_path):
     run = run_script(tmp_path, "train.epochs=1")
-    ev = run_script(tmp_path, "run.eval_only=true", f"run.resume={run}", name="eval")
+    # As the README writes it, without a run.name: the evaluation gets a directory of its own.
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.eval_only=true", f"run.resume={run}"]
+    assert run_ranks(script_worker, args=(argv,), timeout=180) == {0: 0, 1: 0}
+    (ev,) = tmp_path.glob("eval-*")
     record = json.loads((ev / "metrics.jsonl").read_text())
     trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert set(trained) - {"step"} <= set(record)
