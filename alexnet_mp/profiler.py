@@ -223,7 +223,7 @@ def open_nvml(device: torch.device, interval_s: float, nvml=None) -> tuple[NvmlS
 # ------------------------------------------------------------------ memory and machine
 
 
-def _proc_status_bytes(field: str) -> int | None:
+def proc_status_bytes(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -234,7 +234,7 @@ def _proc_status_bytes(field: str) -> int | None:
 
 
 def resident_peak_bytes() -> int:
-    peak = _proc_status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     if peak is None:
         import resource
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
@@ -359,7 +359,7 @@ class Profiler:
                            "peak_bytes": 0, "scope": f"the first {MEMORY_STEPS} training steps"}
         else:
             reset = reset_resident_peak()
-            self.memory = {"kind": "resident set (VmHWM)", "at_start_bytes": _proc_status_bytes("VmRSS"),
+            self.memory = {"kind": "resident set (VmHWM)", "at_start_bytes": proc_status_bytes("VmRSS"),
                            "peak_bytes": 0, "scope": f"the first {MEMORY_STEPS} training steps" if reset
                            else "the process's lifetime (VmHWM could not be reset)"}
         self.sampler, reason = open_nvml(device, self.cfg.profile.nvml_interval_s, self.nvml_module)

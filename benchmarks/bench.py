@@ -43,7 +43,8 @@ import report  # noqa: E402
 from alexnet_mp.config import DistConfig, build_config, config_from_dict  # noqa: E402
 from alexnet_mp.exchange import PeerLink  # noqa: E402
 from alexnet_mp.model import build_column, build_reference, dropout_generator, param_groups  # noqa: E402
-from alexnet_mp.profiler import AllReduceMeter, CudaClock, HostClock, allreduce_spans  # noqa: E402
+from alexnet_mp.profiler import (AllReduceMeter, CudaClock, HostClock, allreduce_spans, machine_info,  # noqa: E402
+                                 proc_status_bytes, reset_resident_peak, resident_peak_bytes)
 from alexnet_mp.summary import analytic_bytes, column_params, forward_macs, param_count  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -77,13 +78,6 @@ SEED = 0
 # ------------------------------------------------------------------ workers
 
 
-def _rss_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 class PeakMemory:
     """Peak memory of this process over a stretch of work, in MiB.
 
@@ -103,17 +97,17 @@ class PeakMemory:
             return
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
         except OSError:
-            pass  # not glibc or not Linux: the peak then covers the process's life
-        self.idle = _rss_mib("VmRSS")
+            pass  # not glibc: earlier modes' freed heap may still count
+        reset_resident_peak()  # where it cannot, the peak covers the process's life
+        self.idle = (proc_status_bytes("VmRSS") or 0) / MiB
 
     def peak(self) -> tuple[float, float]:
         """(peak, peak above the level at start)."""
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated() / MiB
         else:
-            peak = _rss_mib("VmHWM")
+            peak = resident_peak_bytes() / MiB
         return peak, peak - self.idle
 
 
@@ -350,12 +344,11 @@ class Workers:
 
 
 def machine_name(device_type: str) -> str:
+    info = machine_info(torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu"))
     if device_type == "cuda":
-        name = f"{torch.cuda.get_device_name(0)}x{torch.cuda.device_count()}"
+        name = f"{info['gpu']}x{torch.cuda.device_count()}"
     else:
-        model = next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), platform.processor() or platform.machine())
-        name = f"{model}-{os.cpu_count()}c"
+        name = f"{info['cpu']}-{info['cores']}c"
     name = re.sub(r"\((r|tm)\)|\bcpu\b|@.*?ghz", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
