@@ -19,7 +19,6 @@ halves the bytes); the weights stay fp32 and their gradients come back fp32.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
