@@ -24,6 +24,7 @@ class LRNConfig:
     # torch.nn.LocalResponseNorm's convention (alpha is divided by size), which
     # is what the original cuda-convnet code computed; the paper's formula taken
     # literally would be alpha=5e-4 here.
+    enabled: bool = True  # after the ReLUs of conv1 and conv2; false leaves it out
     size: int = 5
     alpha: float = 1e-4
     beta: float = 0.75
@@ -38,11 +39,17 @@ class ModelConfig:
     conv_widths: list = field(default_factory=lambda: [96, 256, 384, 384, 256])
     fc_width: int = 4096  # fc6 and fc7 units over both columns
     lrn: LRNConfig = field(default_factory=LRNConfig)
+    activation: str = "relu"  # or "tanh" (the paper's comparison, section 3.1)
+    pool: str = "overlap"  # max-pool 3/2 (overlapping, the paper's) or "plain" 2/2
+    # 2: the paper's two-column network; 1: its one-GPU comparison network (half the kernels
+    # of conv1-conv4, conv5 and the fc layers as wide as the two columns together), one process.
+    columns: int = 2
     dropout: float = 0.5
     # "split": each column computes half the classes (balanced);
     # "rank0": column 0 computes all of fc8, as the original code did on GPU 0.
     fc8: str = "split"
-    # "paper": N(0, init_std) weights, biases 1 in conv2/4/5 and fc6/7;
+    # "paper": N(0, init_std) weights, biases 1 in conv2/4/5 and fc6/7 (the paper's text);
+    # "caffe": biases 0.1 there and fc6/fc7 weights N(0, init_std / 2) (Caffe's bvlc_alexnet);
     # "he": He-normal weights, zero biases (learns quickly in narrow, short runs).
     init: str = "paper"
     init_std: float = 0.01
@@ -50,18 +57,28 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "synthetic": built-in generated data set, no files; "folder": ROOT/train, ROOT/val.
+    # "synthetic": built-in generated data set, no files; "folder": ROOT/train, ROOT/val;
+    # "prepared": a set written by python -m alexnet_mp.prepare.
     dataset: str = "synthetic"
     root: str = ""
     resize: int = 256  # shorter side before the centre crop (folder data)
     train_size: int = 2000  # synthetic images per split
     val_size: int = 500
     image_size: int = 256  # synthetic image side before cropping
+    # "paper": raw 0-255 pixels minus the training set's mean image (the original code, Caffe);
+    # "mean": minus a per-channel mean; "meanstd": (pixel / 255 - mean) / std per channel.
+    normalize: str = "meanstd"
+    random_crop: bool = True  # translations; false trains on centre crops
     flip: bool = True
     pca_lighting: float = 0.1  # std of the PCA colour alphas; 0 turns it off
     ten_crop: bool = True  # ten-crop evaluation in addition to the centre crop
     bad_images: str = "error"  # or "skip" (skipped files are counted and reported)
     num_workers: int = 2
+    decode: str = "cpu"  # "device": prepared JPEGs decoded on the GPU (nvJPEG)
+    # Between epochs, check that the folder did not change: "sample" (check_sample files),
+    # "full" (every file's size and time) or "off".
+    check: str = "sample"
+    check_sample: int = 1000
 
 
 @dataclass
@@ -83,7 +100,10 @@ class TrainConfig:
     milestone_epochs: int = 90
     plateau_patience: int = 3
     seed: int = 0
-    max_steps: int = 0  # stop after this many optimiser steps (0: no limit)
+    max_steps: int = 0  # stop after this many training steps (0: no limit)
+    # GPUs: deterministic kernels (cudnn.deterministic, use_deterministic_algorithms); what exact
+    # resume on GPUs rests on. False lets cudnn.benchmark pick the fastest kernels.
+    deterministic: bool = False
 
 
 @dataclass
@@ -97,6 +117,8 @@ class RunConfig:
     eval_only: bool = False
     nonfinite: str = "error"  # or "skip": what a NaN/inf loss or gradient does
     progress: bool = True
+    log_every: int = 50  # steps between records in steps.jsonl (and log lines without a terminal)
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
 
 
 @dataclass
@@ -105,7 +127,10 @@ class DistConfig:
     timeout_s: float = 120.0  # any exchange or collective after the first step
     startup_timeout_s: float = 600.0  # process-group start-up and the first step
     threads: int = 0  # torch threads per process on CPU; 0: cores / local processes
-    dp: int = 0  # data-parallel replicas; 0: world size / 2. Set it to have the launch checked
+    dp: int = 0  # data-parallel replicas; 0: world size / mp. Set it to have the launch checked
+    # Processes per model replica: 2, the paper's two columns; 1, the whole network in each
+    # process (the single-device reference, or model.columns=1), data parallel only.
+    mp: int = 2
     # Collectives and crossings each rank remembers, dumped to RUN/flight_recorder/ when a peer is
     # lost (read with torchfrtrace); 0 turns the recorder off.
     flight_recorder: int = 2000
@@ -119,6 +144,7 @@ class DistConfig:
     # For GPUs, and CPUs with bf16 matrix units; results then differ at bf16 precision.
     amp: str = "off"
     channels_last: bool = False  # NHWC convolutions and wire layout; for GPUs with tensor cores
+    tf32: bool = False  # TF32 matmuls and convolutions on Ampere and later GPUs (faster, ~1e-3 relative error)
 
 
 @dataclass
@@ -156,9 +182,16 @@ class Config:
 
 CHOICES = {
     "model.fc8": ("split", "rank0"),
-    "model.init": ("paper", "he"),
-    "data.dataset": ("synthetic", "folder"),
+    "model.init": ("paper", "caffe", "he"),
+    "model.activation": ("relu", "tanh"),
+    "model.pool": ("overlap", "plain"),
+    "model.columns": (2, 1),
+    "data.dataset": ("synthetic", "folder", "prepared"),
+    "data.normalize": ("paper", "mean", "meanstd"),
     "data.bad_images": ("error", "skip"),
+    "data.decode": ("cpu", "device"),
+    "data.check": ("sample", "full", "off"),
+    "dist.mp": (2, 1),
     "train.schedule": ("step", "plateau"),
     "train.lr_scaling": ("none", "linear"),
     "run.nonfinite": ("error", "skip"),
@@ -172,12 +205,16 @@ def _check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
-def spatial_sizes(crop: int) -> list[int]:
+POOL_KERNEL = {"overlap": 3, "plain": 2}  # model.pool: max-pooling window, stride 2 either way
+
+
+def spatial_sizes(crop: int, pool: str = "overlap") -> list[int]:
     """Side of the feature maps after conv1, pool1, conv2, pool2, conv3..5, pool5."""
+    k = POOL_KERNEL[pool]
     conv1 = (crop - 11) // 4 + 1
-    pool1 = (conv1 - 3) // 2 + 1
-    pool2 = (pool1 - 3) // 2 + 1  # conv2 keeps the size (5x5, pad 2)
-    pool5 = (pool2 - 3) // 2 + 1  # conv3..5 keep it (3x3, pad 1)
+    pool1 = (conv1 - k) // 2 + 1
+    pool2 = (pool1 - k) // 2 + 1  # conv2 keeps the size (5x5, pad 2)
+    pool5 = (pool2 - k) // 2 + 1  # conv3..5 keep it (3x3, pad 1)
     return [conv1, pool1, pool1, pool2, pool2, pool2, pool2, pool5]
 
 
@@ -188,7 +225,7 @@ def _validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        _check(value in allowed, key, f"{value!r} is not one of {', '.join(allowed)}")
+        _check(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
     m = cfg.model
     _check(m.num_classes >= 2, "model.num_classes", "needs at least 2 classes")
     _check(len(m.conv_widths) == 5, "model.conv_widths", "give five widths, conv1..conv5")
@@ -205,6 +242,8 @@ def _validate(cfg: Config) -> None:
     _check(m.lrn.k > 0 and m.lrn.alpha >= 0 and m.lrn.beta >= 0, "model.lrn",
            "k must be positive and alpha, beta non-negative")
     _check(m.init_std > 0, "model.init_std", "must be positive")
+    _check(m.columns == 2 or cfg.dist.mp == 1, "model.columns",
+           "model.columns=1 (the one-column network) runs on one process per replica; set dist.mp=1")
     d = cfg.data
     _check(d.dataset != "folder" or bool(d.root), "data.root",
            "data.dataset=folder needs data.root=PATH (a folder holding train/ and val/)")

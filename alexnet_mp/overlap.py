@@ -10,7 +10,7 @@ peer's activations are in flight, and only then add W_peer * peer. Backward is
 the mirror image: compute the gradient of the peer's activations first and post
 it, compute the weight and bias gradients and the gradient of its own
 activations while it travels, then add the share the peer computed for this
-column. The sums are those of `GatherFromPeer` followed by the layer, taken in
+column. The sums are those of `mappings.gather_from_peer` followed by the layer, taken in
 another order, so the two paths agree to fp32 rounding (tests/test_parity.py),
 and the bytes on the wire are the same (`summary.analytic_bytes`).
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .exchange import PeerLink
+from .transport import PeerLink
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -68,7 +68,7 @@ def op_for(layer: nn.Module):
     return ConvOp(layer) if isinstance(layer, nn.Conv2d) else LinearOp()
 
 
-class CrossingLayer(torch.autograd.Function):
+class _CrossingLayer(torch.autograd.Function):
     """Forward: post the all-gather of the pair's activations; compute this
     column's share of the layer (W_own * own + b) while they travel; add
     W_peer * peer.
@@ -78,7 +78,7 @@ class CrossingLayer(torch.autograd.Function):
 
     `mutual`=False is the one-sided crossing of column 0 when it holds all of
     fc8 (model.fc8=rank0): receive in forward, send in backward; column 1 runs
-    `ExchangeWithFirst`. Used at conv3, fc6, fc7 and fc8 when dist.overlap is on.
+    `exchange_with_first`. Used at conv3, fc6, fc7 and fc8 when dist.overlap is on.
     """
 
     @staticmethod
@@ -117,3 +117,10 @@ class CrossingLayer(torch.autograd.Function):
                 grad_own += from_peer
         return (grad_own.to(ctx.input_dtype), grad_w.to(ctx.weight_dtype), grad_b.to(ctx.weight_dtype),
                 None, None, None, None)
+
+
+def overlapped_crossing(act_shard: torch.Tensor, layer: nn.Module, op, link: PeerLink, crossing: str,
+                        mutual: bool = True) -> torch.Tensor:
+    """`layer` (a conv or linear layer holding this column's output rows) applied to both
+    columns' activations, computing the own half while the peer's are in flight."""
+    return _CrossingLayer.apply(act_shard, layer.weight, layer.bias, op, link, crossing, mutual)

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .exchange import PeerError
+from . import compat
+from .transport import PeerError
 
 # ---------------------------------------------------------------- timeouts and lost peers
 
@@ -42,7 +43,7 @@ def set_timeouts(seconds: float, link=None, groups=()) -> None:
     if link is not None:
         link.timeout_s = seconds
     for group in (None, *groups):
-        dist.set_timeout(timedelta(seconds=seconds), group)
+        compat.set_group_timeout(seconds, group)
 
 
 def _others(group) -> str:
