@@ -102,6 +102,18 @@ def setup(cfg: DistConfig) -> Layout:
     return layout
 
 
+def configure_backends(deterministic: bool, tf32: bool) -> None:
+    """This process's math settings: train.deterministic and dist.tf32 (see the config's help)."""
+    if deterministic:
+        # cuBLAS reads it when its first handle is made, before any matmul of this process.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -131,6 +143,14 @@ def decided_by_main(layout: Layout, fn, errors=(Exception,)):
     if box[1] is not None:
         raise RunFailed(box[1])
     return box[0]
+
+
+def on_main_first(layout: Layout, fn, errors=(Exception,)):
+    """fn() on rank 0 (its error reaches every rank), then on the others: for work that fills a
+    shared cache. Each rank keeps its own result; nothing is sent."""
+    kept = []
+    decided_by_main(layout, lambda: kept.append(fn()), errors)
+    return kept[0] if layout.is_main else fn()
 
 
 def sum_over_replicas(values, layout: Layout) -> list[float]:

@@ -10,9 +10,9 @@ n01440764), the training set's folder names.
 The mapping comes from meta.mat because the ids do not follow the sorted wnids: id 1 is n02119789 (kit
 fox), while the sorted list starts with n01440764 (tench, id 449); numbering the training folders
 1..1000 would file almost every image under a wrong class. meta.mat holds one variable, "synsets", a
-struct array of 1860 synsets; the 1000 classes are its leaves (num_children == 0). scipy.io.loadmat
-reads it when scipy is installed; otherwise `read_mat`, a reader of the MAT v5 format (compressed or
-not, either byte order), does. Both give the same mapping.
+struct array of 1860 synsets; the 1000 classes are its leaves (num_children == 0). `read_mat`, a
+reader of the MAT v5 format (compressed or not, either byte order), reads it, so the project needs no
+scipy.
 
 Safety. The whole plan is checked before anything changes: every label names a known class, every
 labelled image is present (flat in VAL or already in its class folder), none is in another class's
@@ -169,18 +169,6 @@ def read_mat(data: bytes) -> dict[str, Any]:
 # ---------------------------------------------------------------- the devkit
 
 
-def _scipy_synsets(data: bytes) -> list[tuple[int, str, int]]:
-    import numpy as np
-    import scipy.io
-
-    try:
-        variables = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True, struct_as_record=False)
-    except Exception as e:  # scipy's reader raises several unrelated types for a bad file
-        raise MatError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
-    synsets = variables["synsets"]
-    return [(int(s.ILSVRC2012_ID), str(s.WNID), int(s.num_children)) for s in np.atleast_1d(synsets)]
-
-
 def _own_synsets(data: bytes) -> list[tuple[int, str, int]]:
     rows = []
     for s in read_mat(data)["synsets"]:
@@ -191,22 +179,10 @@ def _own_synsets(data: bytes) -> list[tuple[int, str, int]]:
     return rows
 
 
-def _scipy_installed() -> bool:
+def class_wnids(meta: bytes) -> dict[int, str]:
+    """ILSVRC2012_ID -> wnid of the classes (the leaf synsets) in a devkit's meta.mat."""
     try:
-        import scipy.io  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def class_wnids(meta: bytes, use_scipy: bool | None = None) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid of the classes (the leaf synsets) in a devkit's meta.mat.
-
-    use_scipy: read with scipy.io.loadmat (True), with `read_mat` (False), or scipy when installed (None).
-    """
-    reader = _scipy_synsets if (_scipy_installed() if use_scipy is None else use_scipy) else _own_synsets
-    try:
-        synsets = reader(meta)
+        synsets = _own_synsets(meta)
     except MatError as e:
         raise ImageNetError(f"{META} cannot be read ({e}); {_DEVKIT_FIX}") from None
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
@@ -259,11 +235,11 @@ def _ground_truth(text: bytes) -> list[int]:
     return ids
 
 
-def val_wnids(devkit: str | Path, use_scipy: bool | None = None) -> list[str]:
+def val_wnids(devkit: str | Path) -> list[str]:
     """The wnid of each validation image, in file order (item i is ILSVRC2012_val_{i+1:08d}.JPEG's),
     from a devkit folder or tar."""
     meta, truth = _devkit_files(Path(devkit).expanduser())
-    wnids = class_wnids(meta, use_scipy)
+    wnids = class_wnids(meta)
     labels = []
     for n, i in enumerate(_ground_truth(truth), 1):
         if i not in wnids:

@@ -14,7 +14,7 @@ fail to connect (2 of 3 restarts failed so in a trial without the prefix). Rank 
 directory in the store, so a restarted attempt continues the same run from its last good checkpoint.
 
 Preemption. SIGTERM or SIGINT only raise a flag (`catch_stop_signals`); the flag travels with the
-per-step agreement (`step_verdict`), so every rank stops after the same step, checkpoints and exits.
+per-step agreement (trainer/guard.py), so every rank stops after the same step, checkpoints and exits.
 """
 from __future__ import annotations
 
@@ -70,24 +70,9 @@ def guarded(what: str, group=None):
             f"only slow.") from e
 
 
-def step_verdict(loss, model, device, stop_requested: bool, group=None) -> tuple[bool, bool]:
-    """(every rank's loss and gradients are finite, some rank was asked to stop), one all-reduce.
-
-    Every rank gets the same answer, so all of them skip, stop or step together.
-    """
-    # Checked on the device and read once, after the all-reduce: one host sync per step, not one
-    # per gradient tensor.
-    checks = [torch.isfinite(loss).all(), *(torch.isfinite(p.grad).all() for p in model.parameters()
-                                            if p.grad is not None)]
-    # torch.full fills on the device; torch.tensor(...) would copy from the host and, on CUDA, wait.
-    flags = torch.stack([torch.stack(checks).all(), torch.full((), not stop_requested, device=device)]).int()
-    with guarded("per-step agreement (all-reduce of the finite and stop flags)", group):
-        # Waited on here, with the deadline: on NCCL the error would otherwise surface later, at
-        # the first synchronisation, far from its cause.
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group, async_op=True).wait(
-            timeout=timedelta(seconds=_timeout_s))
-    finite, carry_on = flags.tolist()
-    return bool(finite), not carry_on
+def current_timeout() -> float:
+    """The timeout now in force on this process's groups, in seconds."""
+    return _timeout_s
 
 
 # ---------------------------------------------------------------- flight recorder

@@ -78,7 +78,8 @@ def _collect(results, wanted: set, timeout: float, what: str) -> dict:
 
 def _start(target, world_size: int, make_args) -> list:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=target, args=make_args(r), daemon=True) for r in range(world_size)]
+    # Not daemons: a rank may start loader workers of its own.
+    procs = [ctx.Process(target=target, args=make_args(r)) for r in range(world_size)]
     for p in procs:
         p.start()
     return procs
@@ -93,11 +94,15 @@ def _stop(procs, grace: float) -> None:
 
 
 def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0,
-              wait_for: list[int] | None = None, env: dict | None = None) -> dict:
-    """Run fn(rank, *args) on `world_size` ranks; return {rank: result} for the ranks in `wait_for`."""
+              wait_for: list[int] | None = None, env: dict | None = None,
+              per_rank_args: dict | None = None) -> dict:
+    """Run fn(rank, *args) on `world_size` ranks (`per_rank_args` {rank: args} for some of them);
+    return {rank: result} for the ranks in `wait_for`."""
     results = mp.get_context("spawn").Queue()
     port, env = free_port(), {"OMP_NUM_THREADS": "1", **(env or {})}
-    procs = _start(_child, world_size, lambda r: (fn, r, world_size, port, args, results, env))
+    per_rank_args = per_rank_args or {}
+    procs = _start(_child, world_size,
+                   lambda r: (fn, r, world_size, port, per_rank_args.get(r, args), results, env))
     wanted = set(range(world_size) if wait_for is None else wait_for)
     failed = True
     try:

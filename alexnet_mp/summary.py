@@ -11,12 +11,12 @@ import argparse
 import sys
 
 from .config import ConfigError, ModelConfig, build_config, spatial_sizes
-from .model import CROSSINGS, column_range, layer_specs
+from .model import CROSSINGS, column_range, conv_widths, layer_specs
 
 
 def layer_table(cfg: ModelConfig) -> list[dict]:
     """One row per layer: output shape after its pooling, params and MACs per column."""
-    sizes = spatial_sizes(cfg.crop_size)
+    sizes = spatial_sizes(cfg.crop_size, cfg.pool)
     conv_out = {"conv1": sizes[0], "conv2": sizes[2], "conv3": sizes[4], "conv4": sizes[5], "conv5": sizes[6]}
     after = {"conv1": sizes[1], "conv2": sizes[3], "conv3": sizes[4], "conv4": sizes[5], "conv5": sizes[7]}
     rows = []
@@ -59,16 +59,25 @@ def forward_macs(cfg: ModelConfig, column: int | None = None) -> int:
 
 def crossing_widths(cfg: ModelConfig) -> dict[str, int]:
     """Elements per image that one column contributes at each crossing's input."""
-    c2, c5 = cfg.conv_widths[1], cfg.conv_widths[4]
-    sizes = spatial_sizes(cfg.crop_size)
+    widths = conv_widths(cfg)
+    c2, c5 = widths[1], widths[4]
+    sizes = spatial_sizes(cfg.crop_size, cfg.pool)
     return {"conv3": c2 // 2 * sizes[3] ** 2, "fc6": c5 // 2 * sizes[7] ** 2,
             "fc7": cfg.fc_width // 2, "fc8": cfg.fc_width // 2}
 
 
 def analytic_bytes(cfg: ModelConfig, batch: int, column: int, element_size: int = 4) -> dict[str, dict]:
-    """Bytes this column sends and receives per training step, keyed like CommStats."""
+    """Bytes this column sends and receives per training step, keyed like CommStats.
+
+    `input.forward` is the uint8 crops the columns swap (each decodes its own rows of the batch);
+    the activations cross in `element_size` bytes (2 under bf16 autocast).
+    """
     out = {}
     widths = crossing_widths(cfg)
+    first = batch - batch // 2  # column 0 decodes the first ceil(batch / 2) images
+    decoded = first if column == 0 else batch - first
+    image = 3 * cfg.crop_size ** 2
+    out["input.forward"] = {"sent": decoded * image, "recv": (batch - decoded) * image}
 
     def put(key, sent, recv):
         out[key] = {"sent": sent * batch * element_size, "recv": recv * batch * element_size}
@@ -96,8 +105,8 @@ def activation_elements(cfg: ModelConfig) -> int:
     pooling and dropout after it, once each. A lower bound: LRN's intermediate
     tensors and the pooling indices come on top.
     """
-    s = spatial_sizes(cfg.crop_size)  # conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5
-    c1, c2, c3, c4, c5 = cfg.conv_widths
+    s = spatial_sizes(cfg.crop_size, cfg.pool)  # conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5
+    c1, c2, c3, c4, c5 = conv_widths(cfg)
     return (3 * cfg.crop_size ** 2
             + c1 * (3 * s[0] ** 2 + s[1] ** 2)  # conv1, ReLU, LRN; pool1
             + c2 * (3 * s[2] ** 2 + s[3] ** 2)  # conv2, ReLU, LRN; pool2

@@ -1,20 +1,18 @@
-"""Tests for alexnet_mp.data: shapes, determinism, sharding, the synthetic set and image folders."""
+"""Tests for alexnet_mp.data: the Batch contract, decode-once, determinism, sharding, synthetic data."""
 from __future__ import annotations
 
 import os
 import re
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from alexnet_mp import data
 from alexnet_mp.config import build_config
-from alexnet_mp.data import DataError, batch_checksum, build_data, eval_loader, train_loader
+from alexnet_mp.data import Batch, DataError, Loaders, Normalizer, batch_checksum, build_data, own_rows
+from alexnet_mp.data.synthetic import SyntheticRenderer, SyntheticSource
 
 SMALL = ["model.num_classes=4", "model.crop_size=67", "data.image_size=80", "data.resize=80",
          "data.train_size=64", "data.val_size=20", "train.batch_size=8", "data.num_workers=0"]
@@ -24,13 +22,8 @@ def small_cfg(*extra: str):
     return build_config(overrides=SMALL + list(extra))
 
 
-def checksums(loader) -> list[str]:
-    return [batch_checksum(x, y) for x, y in loader]
-
-
-def sample_sums(loader) -> list[str]:
-    """One checksum per sample, to compare which samples a loader yields."""
-    return [batch_checksum(x[i], y[i]) for x, y in loader for i in range(len(y))]
+def checksums(run) -> list[str]:
+    return [batch_checksum(b.images, b.labels, b.offsets, b.flips, b.light) for b in run]
 
 
 @pytest.fixture(scope="module")
@@ -39,120 +32,183 @@ def small():
     return cfg, build_data(cfg)
 
 
-# ---------------------------------------------------------------- shapes and normalisation
+def loaders(bundle, cfg, **kw) -> Loaders:
+    return Loaders(bundle, cfg, **kw)
 
 
-def test_shapes_dtypes_and_batch_counts(small):
+# ---------------------------------------------------------------- the Batch contract
+
+
+def test_batch_contract_for_training_and_evaluation(small):
     cfg, b = small
-    batches = list(train_loader(b, cfg, epoch=0))
-    assert len(batches) == 64 // 8 == len(train_loader(b, cfg, epoch=0))
-    for x, y in batches:
-        assert x.shape == (8, 3, 67, 67) and x.dtype == torch.float32
-        assert y.shape == (8,) and y.dtype == torch.int64
-        assert 0 <= int(y.min()) and int(y.max()) < 4
-    # Evaluation keeps the last partial batch: 20 = 8 + 8 + 4, in file order.
-    ev = list(eval_loader(b, cfg))
-    assert [len(y) for _, y in ev] == [8, 8, 4]
-    assert torch.cat([y for _, y in ev]).tolist() == [i % 4 for i in range(20)]
-    assert len(b.classes) == 4 and b.skipped == 0 and b.val_ten_crop is not None
+    run = loaders(b, cfg).train(epoch=0)
+    batches = list(run)
+    assert len(run) == len(batches) == 64 // 8 == data.steps_per_epoch(b, cfg)
+    for batch in batches:
+        assert isinstance(batch, Batch) and batch.first == 0 and batch.unreadable == ()
+        assert batch.images.shape == (8, 3, 67, 67) and batch.images.dtype == torch.uint8
+        assert batch.labels.shape == (8,) and batch.labels.dtype == torch.int64
+        assert batch.offsets.shape == (8, 2) and batch.offsets.dtype == torch.int64
+        assert batch.flips.shape == (8,) and batch.flips.dtype == torch.bool
+        assert batch.light.shape == (8, 3) and batch.light.dtype == torch.float32
+        assert 0 <= int(batch.offsets.min()) and int(batch.offsets.max()) <= 80 - 67
+        assert 0 <= int(batch.labels.min()) and int(batch.labels.max()) < 4
+    # Every crop is the stored image at its offset, mirrored when flipped.
+    batch, k = batches[0], 3
+    index = int(data.loaders.train_plan(64, cfg, 0, 0, 0, 1)[0].indices[k])
+    (y, x), img = batch.offsets[k].tolist(), b.train.image(index)[0]
+    want = img[:, y:y + 67, x:x + 67]
+    assert torch.equal(batch.images[k], want.flip(-1) if batch.flips[k] else want)
+    # Evaluation: file order, the last batch partial, centre crops without lighting.
+    ev = list(loaders(b, cfg).eval())
+    assert [len(e.labels) for e in ev] == [8, 8, 4] and [e.images.shape[0] for e in ev] == [8, 8, 4]
+    assert torch.cat([e.labels for e in ev]).tolist() == [i % 4 for i in range(20)]
+    assert all((e.offsets == 6).all() and not e.flips.any() and not e.light.any() for e in ev)
+    ten = list(loaders(b, cfg).eval(ten_crop=True))
+    assert ten[0].images.shape == (8, 10, 3, 67, 67) and ten[-1].images.shape == (4, 10, 3, 67, 67)
+    assert ten[0].offsets.shape == (8, 10, 2) and ten[0].flips.shape == (8, 10)
 
 
-def test_normalisation(small):
-    cfg, b = small
-    x = torch.cat([x for x, _ in train_loader(b, cfg, epoch=0)])
-    # Statistics come from the stored images, the loader sees crops: roughly zero mean, unit std.
-    assert x.mean((0, 2, 3)).abs().max() < 0.2
-    assert ((x.std((0, 2, 3)) - 1).abs() < 0.25).all()
-    # Eval images undo exactly to the stored centre crop: (pixel/255 - mean) / std.
-    mean, std = torch.tensor(b.mean)[:, None, None], torch.tensor(b.std)[:, None, None]
-    img, _ = b.val.source.sample(3)
-    m = (80 - 67) // 2
-    expected = torch.from_numpy(img[:, m:m + 67, m:m + 67].astype(np.float32)) / 255
-    assert torch.allclose(b.val[3][0] * std + mean, expected, atol=1e-5)
-    assert all(0 < v < 1 for v in b.mean) and all(0 < v < 0.5 for v in b.std)
+def test_own_rows_split_every_batch_size():
+    for columns in (1, 2, 3):
+        for n in range(10):
+            rows = [own_rows(n, c, columns) for c in range(columns)]
+            assert rows[0][0] == 0 and rows[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))  # contiguous, no overlap
+            sizes = [e - s for s, e in rows]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert own_rows(7, 0, 2) == (0, 4) and own_rows(7, 1, 2) == (4, 7) and own_rows(8, 0, 1) == (0, 8)
+    for bad in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError):
+            own_rows(8, *bad)
+
+
+def test_each_column_decodes_only_its_rows():
+    cfg = small_cfg("train.batch_size=7")
+    whole = build_data(cfg)
+    cols = [build_data(cfg) for _ in range(2)]  # one process per column, each with its own counter
+    built = [c.train.decodes for c in cols]  # the statistics' decodes
+    ref = list(loaders(whole, cfg).train(epoch=1))
+    halves = [list(loaders(cols[c], cfg, column=c, columns=2).train(epoch=1)) for c in range(2)]
+    for full, a, b in zip(ref, *halves):
+        assert (a.first, b.first) == (0, 4) and a.images.shape[0] == 4 and b.images.shape[0] == 3
+        assert torch.equal(torch.cat([a.images, b.images]), full.images)
+        for field in ("labels", "offsets", "flips", "light"):
+            assert torch.equal(getattr(a, field), getattr(full, field))
+            assert torch.equal(getattr(b, field), getattr(full, field))
+    decoded = [c.train.decodes - n for c, n in zip(cols, built)]
+    assert decoded == [4 * len(ref), 3 * len(ref)]
+    # Evaluation too, down to a last batch where column 1 has nothing to decode.
+    one = small_cfg("train.batch_size=19")  # 20 = 19 + 1
+    last = [list(loaders(cols[c], one, column=c, columns=2).eval())[-1] for c in range(2)]
+    assert last[0].images.shape == (1, 3, 67, 67) and last[1].images.shape == (0, 3, 67, 67)
+    assert last[1].first == 1 and torch.equal(last[0].labels, last[1].labels)
 
 
 # ---------------------------------------------------------------- determinism
 
 
-def test_independent_builds_give_identical_batches():
-    cfg = small_cfg()
-    a, b = build_data(cfg), build_data(small_cfg())
-    sums_a = checksums(train_loader(a, cfg, epoch=2))
-    assert sums_a == checksums(train_loader(b, cfg, epoch=2))
-    assert len(set(sums_a)) == len(sums_a)
-    assert checksums(eval_loader(a, cfg)) == checksums(eval_loader(b, cfg))
-    assert checksums(eval_loader(a, cfg, ten_crop=True)) == checksums(eval_loader(b, cfg, ten_crop=True))
-
-
-def test_num_workers_do_not_change_batches(small):
+def test_batches_identical_across_builds_and_worker_counts(small):
     cfg, b = small
-    workers = small_cfg("data.num_workers=2")
-    assert checksums(train_loader(b, cfg, epoch=1)) == checksums(train_loader(b, workers, epoch=1))
-    assert checksums(eval_loader(b, cfg)) == checksums(eval_loader(b, workers))
+    other = build_data(small_cfg())
+    sums = checksums(loaders(b, cfg).train(epoch=2))
+    assert len(set(sums)) == len(sums)
+    assert sums == checksums(loaders(other, cfg).train(epoch=2))
+    with loaders(b, small_cfg("data.num_workers=2")) as workers:
+        assert checksums(workers.train(epoch=2)) == sums
+        assert checksums(workers.eval(ten_crop=True)) == checksums(loaders(other, cfg).eval(ten_crop=True))
+
+
+def test_persistent_workers_serve_every_epoch_and_evaluation():
+    cfg = small_cfg("data.num_workers=2")
+    b = build_data(cfg)
+    before = b.train.decodes
+    with loaders(b, cfg) as ld:
+        assert len(list(ld.train(epoch=0))) == 8
+        pids = ld.worker_pids()
+        assert len(pids) == 2 and os.getpid() not in pids
+        list(ld.eval())
+        list(ld.train(epoch=1))
+        assert ld.worker_pids() == pids
+        # Decodes in the workers are counted in the process that made the source.
+        assert b.train.decodes - before == 2 * 64
+        # An abandoned pass does not leak into the next; a superseded one refuses to go on.
+        first = iter(ld.train(epoch=3))
+        next(first)
+        assert checksums(ld.train(epoch=3)) == checksums(loaders(b, small_cfg()).train(epoch=3))
+        with pytest.raises(RuntimeError, match="one at a time"):
+            next(first)
+        assert ld.worker_pids() == pids
+    for pid in pids:  # close() stopped (and reaped) them
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_loaders_leave_global_rngs_alone(small):
     _, b = small
     cfg = small_cfg("data.num_workers=1")
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
-    list(train_loader(b, cfg, epoch=0))
-    list(eval_loader(b, cfg))
+    with loaders(b, cfg) as ld:
+        list(ld.train(epoch=0))
+        list(ld.eval())
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert (np.random.get_state()[1] == np_state).all()
 
 
 def test_epochs_shuffle_differently_over_the_same_samples(small):
     cfg, b = small
-    e0, e1 = list(train_loader(b, cfg, epoch=0)), list(train_loader(b, cfg, epoch=1))
-    y0, y1 = torch.cat([y for _, y in e0]), torch.cat([y for _, y in e1])
+    ld = loaders(b, cfg)
+    e0, e1 = list(ld.train(epoch=0)), list(ld.train(epoch=1))
+    y0, y1 = torch.cat([x.labels for x in e0]), torch.cat([x.labels for x in e1])
     assert not torch.equal(y0, y1)
-    # Every sample is used once per epoch (64 is a whole number of batches), so labels match as sets.
     assert sorted(y0.tolist()) == sorted(y1.tolist()) == sorted(i % 4 for i in range(64))
     assert not set(checksums(e0)) & set(checksums(e1))
 
 
-def test_augmentation_depends_on_epoch_not_on_position(small):
-    _, b = small
-    assert torch.equal(b.train[(5, 3)][0], b.train[(5, 3)][0])
-    assert not torch.equal(b.train[(5, 3)][0], b.train[(5, 4)][0])
+def test_augmentation_depends_on_epoch_and_index_not_on_batch_position(small):
+    cfg, b = small
+    aug = data.Augment(80, 67, cfg.train.seed, True, 0.1, True, np.array(b.eigval), np.array(b.eigvec))
+    alone = aug.train(3, np.array([5]))
+    among = aug.train(3, np.array([9, 2, 5]))
+    assert all(torch.equal(x[0], y[2]) for x, y in zip(alone, among))
+    assert not torch.equal(torch.cat([t.flatten().float() for t in aug.train(4, np.array([5]))]),
+                           torch.cat([t.flatten().float() for t in alone]))
 
 
 def test_start_batch_gives_the_tail_of_the_epoch(small):
     cfg, b = small
-    full = checksums(train_loader(b, cfg, epoch=4))
-    tail = train_loader(b, cfg, epoch=4, start_batch=3)
-    assert len(tail) == len(full) - 3
-    assert checksums(tail) == full[3:]
-    assert checksums(train_loader(b, cfg, epoch=4, start_batch=len(full))) == []
+    ld = loaders(b, cfg)
+    full = checksums(ld.train(epoch=4))
+    tail = ld.train(epoch=4, start_batch=3)
+    assert len(tail) == len(full) - 3 and checksums(tail) == full[3:]
+    assert checksums(ld.train(epoch=4, start_batch=len(full))) == []
     with pytest.raises(ValueError):
-        train_loader(b, cfg, epoch=4, start_batch=len(full) + 1)
+        ld.train(epoch=4, start_batch=len(full) + 1)
 
 
 def test_data_parallel_replicas_split_each_global_batch(small):
     cfg, b = small
-    wide = small_cfg("train.batch_size=16")  # one replica-free loader with the global batch
-    glob = list(train_loader(b, wide, epoch=1))
-    ranks = [list(train_loader(b, cfg, epoch=1, dp_rank=r, dp_size=2)) for r in range(2)]
+    glob = list(loaders(b, small_cfg("train.batch_size=16")).train(epoch=1))
+    ranks = [list(loaders(b, cfg, dp_rank=r, dp_size=2).train(epoch=1)) for r in range(2)]
     assert len(glob) == len(ranks[0]) == len(ranks[1]) == 64 // 16
-    for step, (gx, gy) in enumerate(glob):
-        (x0, y0), (x1, y1) = ranks[0][step], ranks[1][step]
-        assert torch.equal(torch.cat([x0, x1]), gx) and torch.equal(torch.cat([y0, y1]), gy)
-    # Resuming a replica mid-epoch skips the same global steps.
-    assert checksums(train_loader(b, cfg, epoch=1, start_batch=2, dp_rank=1, dp_size=2)) == \
-        checksums(ranks[1])[2:]
-    # Evaluation shards cover every sample exactly once.
-    shards = [sample_sums(eval_loader(b, cfg, dp_rank=r, dp_size=3)) for r in range(3)]
+    for step, g in enumerate(glob):
+        r0, r1 = ranks[0][step], ranks[1][step]
+        for field in ("images", "labels", "offsets", "flips", "light"):
+            assert torch.equal(torch.cat([getattr(r0, field), getattr(r1, field)]), getattr(g, field))
+    assert checksums(loaders(b, cfg, dp_rank=1, dp_size=2).train(epoch=1, start_batch=2)) == checksums(ranks[1])[2:]
+    shards = [[batch_checksum(e.images[i]) for e in loaders(b, cfg, dp_rank=r, dp_size=3).eval()
+               for i in range(len(e.labels))] for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(batch_checksum(e.images[i]) for e in loaders(b, cfg).eval()
+                                             for i in range(len(e.labels)))
     assert sum(map(len, shards)) == 20
-    assert sorted(sum(shards, [])) == sorted(sample_sums(eval_loader(b, cfg)))
     with pytest.raises(ValueError):
-        train_loader(b, cfg, epoch=0, dp_rank=2, dp_size=2)
+        Loaders(b, cfg, dp_rank=2, dp_size=2)
 
 
 def test_too_small_training_set_is_an_error():
     cfg = small_cfg("data.train_size=6")
     with pytest.raises(DataError, match="train.batch_size"):
-        train_loader(build_data(cfg), cfg, epoch=0)
+        loaders(build_data(cfg), cfg).train(epoch=0)
 
 
 def test_batch_checksum_sees_one_changed_value():
@@ -162,54 +218,42 @@ def test_batch_checksum_sees_one_changed_value():
     assert batch_checksum(x, y) == batch_checksum(x.clone(), y.clone())
     assert batch_checksum(x, y) != batch_checksum(x2, y)
     assert batch_checksum(x, y) != batch_checksum(x, torch.tensor([1, 0]))
+    assert batch_checksum(x.to(torch.uint8), y) != batch_checksum(x, y)  # dtype counts
+    assert batch_checksum([torch.tensor([1, 2])], y) != batch_checksum([torch.tensor([1]), torch.tensor([2])], y)
 
 
-# ---------------------------------------------------------------- augmentation
+# ---------------------------------------------------------------- augmentation switches
 
 
-def test_ten_crop(small):
+def _train_params(cfg, epoch=0):
+    batches = list(loaders(build_data(cfg), cfg).train(epoch=epoch))
+    return [torch.cat([getattr(b, f) for b in batches]) for f in ("images", "offsets", "flips", "light")]
+
+
+def test_switching_one_augmentation_leaves_the_others(small):
     cfg, b = small
-    ten, label = b.val_ten_crop[7]
-    assert ten.shape == (10, 3, 67, 67) and label == b.val[7][1]
-    assert torch.equal(ten[4], b.val[7][0])  # the centre crop
-    for i in range(5):
-        assert torch.equal(ten[5 + i], ten[i].flip(-1))
-    assert not torch.equal(ten[0], ten[3])
-    x, y = next(iter(eval_loader(b, cfg, ten_crop=True)))
-    assert x.shape == (8, 10, 3, 67, 67) and y.shape == (8,)
-    off = small_cfg("data.ten_crop=false")
-    nb = build_data(off)
-    assert nb.val_ten_crop is None
-    with pytest.raises(DataError, match="data.ten_crop=true"):
-        eval_loader(nb, off, ten_crop=True)
+    images, offsets, flips, light = _train_params(cfg)
+    assert flips.any() and not flips.all() and light.abs().min() > 0 and (offsets != 6).any()
+    _, o2, f2, l2 = _train_params(small_cfg("data.flip=false"))
+    assert torch.equal(o2, offsets) and not f2.any() and torch.equal(l2, light)
+    _, o3, f3, l3 = _train_params(small_cfg("data.pca_lighting=0"))
+    assert torch.equal(o3, offsets) and torch.equal(f3, flips) and not l3.any()
+    i4, o4, f4, l4 = _train_params(small_cfg("data.random_crop=false"))
+    assert (o4 == 6).all() and torch.equal(f4, flips) and torch.equal(l4, light)
+    # Lighting is one RGB offset per image along the PCA directions, scaled by data.pca_lighting.
+    _, _, _, l5 = _train_params(small_cfg("data.pca_lighting=0.2"))
+    assert torch.allclose(l5, 2 * light, atol=1e-7)
 
 
-def test_pca_lighting_shifts_colours_only_when_on():
-    on, off = build_data(small_cfg("data.pca_lighting=0.5")), build_data(small_cfg("data.pca_lighting=0"))
-    std = torch.tensor(on.std)[:, None, None]
-    shifted = 0
-    for i in range(10):
-        a, b = on.train[(i, 0)][0], off.train[(i, 0)][0]
-        # Same crop and flip; lighting adds one RGB offset to every pixel.
-        diff = (a - b) * std
-        offset = diff.mean((1, 2), keepdim=True)
-        assert torch.allclose(diff, offset.expand_as(diff), atol=1e-5)
-        shifted += int(offset.abs().max() > 1e-3)
-        # Without lighting, pixels stay on the 1/255 grid of the stored image.
-        levels = (b * std + torch.tensor(off.mean)[:, None, None]) * 255
-        assert torch.allclose(levels, levels.round(), atol=1e-3)
-    assert shifted == 10
-
-
-def test_flip_mirrors_some_samples():
-    flip, fixed = build_data(small_cfg("data.flip=true")), build_data(small_cfg("data.flip=false"))
-    mirrored = 0
-    for i in range(16):
-        a, b = flip.train[(i, 0)][0], fixed.train[(i, 0)][0]
-        if not torch.equal(a, b):
-            assert torch.equal(a, b.flip(-1))
-            mirrored += 1
-    assert 2 <= mirrored <= 14
+def test_ten_crop_is_corners_centre_and_their_mirrors(small):
+    cfg, b = small
+    ten = next(iter(loaders(b, cfg).eval(ten_crop=True)))
+    centre = next(iter(loaders(b, cfg).eval()))
+    img = b.val.image(0)[0]
+    assert torch.equal(ten.images[0, 0], img[:, :67, :67]) and torch.equal(ten.images[0, 3], img[:, 13:, 13:])
+    assert torch.equal(ten.images[:, 4], centre.images)
+    assert torch.equal(ten.images[:, 5:], ten.images[:, :5].flip(-1))
+    assert ten.offsets[0, :5].tolist() == [[0, 0], [0, 13], [13, 0], [13, 13], [6, 6]]
 
 
 # ---------------------------------------------------------------- synthetic set
@@ -222,18 +266,20 @@ def test_synthetic_classes_are_learnable():
                                   "train.batch_size=50", "data.num_workers=0"])
     b = build_data(cfg)
     assert b.classes[0] == "red-circle" and b.classes[10].startswith("red-") and b.classes[10] != "red-circle"
+    norm = Normalizer(b.stats, "meanstd", 80, 67)
 
-    def features(loader):
-        xs, ys = zip(*loader)
-        return F.adaptive_avg_pool2d(torch.cat(xs), 16).flatten(1), torch.cat(ys)
+    def features(run):
+        batches = list(run)
+        x = torch.cat([norm(e.images, e.offsets, e.flips, e.light) for e in batches])
+        return F.adaptive_avg_pool2d(x, 16).flatten(1), torch.cat([e.labels for e in batches])
 
-    x, y = features(train_loader(b, cfg, epoch=0))
-    xv, yv = features(eval_loader(b, cfg))
+    ld = loaders(b, cfg)
+    x, y = features(ld.train(epoch=0))
+    xv, yv = features(ld.eval())
     means = torch.stack([x[y == k].mean(0) for k in range(20)])
     accuracy = (torch.cdist(xv, means).argmin(1) == yv).float().mean().item()
     assert accuracy > 0.4, accuracy  # chance is 0.05
-    # Per-image variation: two training images of one class are not the same picture.
-    assert not torch.equal(b.val[0][0], b.val[20][0])
+    assert not torch.equal(b.val.image(0)[0], b.val.image(20)[0])
 
 
 def test_synthetic_names_for_1000_classes():
@@ -244,201 +290,39 @@ def test_synthetic_names_for_1000_classes():
     assert len(b.classes) == 1000 == len(set(b.classes))
     assert all(re.fullmatch(r"[a-z]+-[a-z]+(-[a-z]+)?", c) for c in b.classes)
     assert len(set(data.synthetic_classes(1000))) == 1000
-    x, y = next(iter(train_loader(b, cfg, epoch=0)))
-    assert x.shape == (8, 3, 67, 67) and y.max() < 1000
-    two = build_data(small_cfg("model.num_classes=2"))
-    assert two.classes == ["red-circle", "green-square"]
+    batch = next(iter(loaders(b, cfg).train(epoch=0)))
+    assert batch.images.shape == (8, 3, 67, 67) and batch.labels.max() < 1000
+    assert build_data(small_cfg("model.num_classes=2")).classes == ["red-circle", "green-square"]
     with pytest.raises(DataError, match="at most 1000 classes"):
         build_data(small_cfg("model.num_classes=1001"))
 
 
-def test_synthetic_rendering_on_access_matches_memory(monkeypatch):
-    cfg = small_cfg()
-    kept = build_data(cfg)
-    monkeypatch.setattr(data, "SYNTH_MEMORY_MAX", 0)
-    lazy = build_data(cfg)
-    assert lazy.train.source.images is None and kept.train.source.images is not None
-    assert checksums(train_loader(kept, cfg, epoch=0)) == checksums(train_loader(lazy, cfg, epoch=0))
-    assert lazy.mean == kept.mean
+def test_synthetic_rendering_on_access_matches_memory(small):
+    cfg, b = small
+    lazy = SyntheticSource(SyntheticRenderer(4, 80, 0, data.common.SALT_TRAIN), 64, memory_max=0)
+    assert lazy.images is None and b.train.images is not None
+    for i in (0, 17, 63):
+        assert torch.equal(lazy.image(i)[0], b.train.image(i)[0])
 
 
-def test_synthetic_depends_on_seed_and_fingerprint(small):
+def test_synthetic_set_depends_on_seed_and_fingerprint(small):
     cfg, b = small
     other = build_data(small_cfg("train.seed=1"))
-    assert not torch.equal(other.val[0][0], b.val[0][0])
+    assert not torch.equal(other.val.image(0)[0], b.val.image(0)[0])
     negative = build_data(small_cfg("train.seed=-1"))  # wrapped, not refused
-    assert not torch.equal(negative.train[(0, 0)][0], b.train[(0, 0)][0])
-    assert data.dataset_fingerprint(cfg) == b.fingerprint != data.dataset_fingerprint(small_cfg("train.seed=1"))
+    assert not torch.equal(negative.train.image(0)[0], b.train.image(0)[0])
+    assert data.dataset_fingerprint(cfg) == b.fingerprint == b.fingerprint_for("sample")
+    assert data.dataset_fingerprint(cfg, "sample") == b.fingerprint != data.dataset_fingerprint(small_cfg("train.seed=1"))
 
 
-# ---------------------------------------------------------------- image folders
-
-CLASSES = {"cat": (200, 40, 40), "dog": (40, 200, 40), "zebra": (40, 40, 200)}
-SIZES = [(100, 90), (90, 120), (130, 100), (85, 85)]
-
-
-def _save(path: Path, size, colour, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    arr = np.clip(np.array(colour) + rng.integers(-30, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
-@pytest.fixture
-def tree(tmp_path):
-    root = tmp_path / "imgs"
-    for k, (name, colour) in enumerate(CLASSES.items()):
-        for i, size in enumerate(SIZES):
-            _save(root / "train" / name / f"{i}.png", size, colour, 10 * k + i)
-        for i, size in enumerate(SIZES[:2]):
-            _save(root / "val" / name / f"v{i}.jpg", size, colour, 100 + 10 * k + i)
-    (root / "train" / "cat" / "notes.txt").write_text("not an image")
-    return root
-
-
-def folder_cfg(root: Path, *extra: str):
-    return build_config(overrides=["data.dataset=folder", f"data.root={root}", "model.num_classes=3",
-                                   "model.crop_size=67", "data.resize=80", "train.batch_size=4",
-                                   "data.num_workers=0", *extra])
-
-
-def test_folder_loading(tree):
-    cfg = folder_cfg(tree)
-    b = build_data(cfg)
-    assert b.classes == ["cat", "dog", "zebra"]
-    assert len(b.train) == 12 and len(b.val) == 6 and b.skipped == 0
-    xs, ys = zip(*eval_loader(b, cfg))
-    assert torch.cat(ys).tolist() == [0, 0, 1, 1, 2, 2]
-    x = torch.cat(xs)
-    assert x.shape == (6, 3, 67, 67) and x.dtype == torch.float32
-    # Each class has its dominant colour channel, after undoing the normalisation.
-    rgb = x * torch.tensor(b.std)[:, None, None] + torch.tensor(b.mean)[:, None, None]
-    assert rgb.mean((2, 3)).argmax(1).tolist() == [0, 0, 1, 1, 2, 2]
-    batches = list(train_loader(b, cfg, epoch=0))
-    assert len(batches) == 3 and all(x.shape == (4, 3, 67, 67) for x, _ in batches)
-    assert sorted(torch.cat([y for _, y in batches]).tolist()) == [0] * 4 + [1] * 4 + [2] * 4
-    workers = folder_cfg(tree, "data.num_workers=2")
-    assert checksums(train_loader(b, cfg, epoch=1)) == checksums(train_loader(b, workers, epoch=1))
-    assert b.val_ten_crop[0][0].shape == (10, 3, 67, 67)
-
-
-def test_folder_resize_and_centre_crop(tmp_path):
-    # 200 x 100 with green outer quarters: the shorter side goes to 80 (160 x 80), and the centre
-    # 80 x 80 crop keeps original columns 50..150, all red.
-    arr = np.zeros((100, 200, 3), np.uint8)
-    arr[:, :, 0] = 255
-    arr[:, :50] = arr[:, 150:] = (0, 255, 0)
-    Image.fromarray(arr).save(tmp_path / "wide.png")
-    img = data._load_image(tmp_path / "wide.png", 80)
-    assert img.shape == (3, 80, 80) and img.dtype == np.uint8
-    assert img[0, :, 2:-2].min() > 240 and img[1, :, 2:-2].max() < 15
-    Image.fromarray(np.full((40, 50), 128, np.uint8), mode="L").save(tmp_path / "grey.png")
-    assert data._load_image(tmp_path / "grey.png", 80).shape == (3, 80, 80)  # greyscale, upscaled
-
-
-def test_folder_stats_cache(tree, tmp_path):
-    cfg, cache = folder_cfg(tree), tmp_path / "cache"
-    first = build_data(cfg, cache_dir=cache)
-    files = list(cache.glob("data-stats-*.json"))
-    assert len(files) == 1 and not first.stats_from_cache
-    assert first.eigval[0] >= first.eigval[1] >= first.eigval[2] >= 0
-    # Eigenvectors: orthonormal columns.
-    vec = np.array(first.eigvec)
+def test_statistics_and_mean_image(small):
+    cfg, b = small
+    assert all(0 < v < 1 for v in b.mean) and all(0 < v < 0.5 for v in b.std)
+    assert b.eigval[0] >= b.eigval[1] >= b.eigval[2] >= 0
+    vec = np.array(b.eigvec)
     assert np.allclose(vec.T @ vec, np.eye(3), atol=1e-4)
-    again = build_data(cfg, cache_dir=cache)
-    assert again.stats_from_cache and again.mean == first.mean and again.std == first.std
-    assert again.fingerprint == first.fingerprint == data.dataset_fingerprint(cfg)
-
-    _save(tree / "train" / "cat" / "new.png", (90, 90), (255, 255, 255), 999)
-    changed = build_data(cfg, cache_dir=cache)
-    assert not changed.stats_from_cache and len(list(cache.glob("data-stats-*.json"))) == 2
-    assert changed.mean != first.mean and changed.fingerprint != first.fingerprint
-    assert data.dataset_fingerprint(cfg) == changed.fingerprint
-    # A damaged cache file is recomputed, not trusted.
-    for f in cache.glob("data-stats-*.json"):
-        f.write_text("{not json")
-    assert not build_data(cfg, cache_dir=cache).stats_from_cache
-    # No cache_dir: computed every time, same values.
-    assert build_data(cfg).mean == changed.mean
-
-
-def _one_line_error(cfg, match: str, **kw) -> str:
-    with pytest.raises(DataError, match=match) as info:
-        build_data(cfg, **kw)
-    assert "\n" not in str(info.value)
-    return str(info.value)
-
-
-def test_folder_layout_errors(tree, tmp_path):
-    _one_line_error(folder_cfg(tmp_path / "nowhere"), "set data.root")
-    msg = _one_line_error(folder_cfg(tree, "model.num_classes=5"), "set model.num_classes=3")
-    assert "3 classes" in msg
-    with pytest.raises(DataError, match="set data.root"):
-        data.dataset_fingerprint(folder_cfg(tmp_path / "nowhere"))
-
-    (tree / "val" / "zebra" / "v0.jpg").unlink()
-    (tree / "val" / "zebra" / "v1.jpg").unlink()
-    msg = _one_line_error(folder_cfg(tree), "holds no readable images")
-    assert str(tree / "val" / "zebra") in msg
-    (tree / "val" / "zebra").rmdir()
-    msg = _one_line_error(folder_cfg(tree), "zebra are in")
-    assert "add them to val/" in msg
-    _save(tree / "val" / "zebra" / "v0.png", (90, 90), (0, 0, 0), 1)
-    _save(tree / "val" / "yak" / "v0.png", (90, 90), (0, 0, 0), 2)
-    _one_line_error(folder_cfg(tree), r"yak are in .*val but not in .*train")
-
-    for name in os.listdir(tree / "val"):
-        for f in (tree / "val" / name).iterdir():
-            f.unlink()
-        (tree / "val" / name).rmdir()
-    _one_line_error(folder_cfg(tree), "has no class folders")
-    (tree / "val").rmdir()
-    _one_line_error(folder_cfg(tree), r"val is missing")
-
-
-def test_hidden_files_and_folders_are_ignored(tree):
-    (tree / "train" / "cat" / "._0.png").write_bytes(b"mac resource fork")
-    (tree / "train" / ".ipynb_checkpoints").mkdir()
-    b = build_data(folder_cfg(tree))
-    assert b.classes == ["cat", "dog", "zebra"] and len(b.train) == 12
-
-
-@pytest.fixture
-def corrupt(tree):
-    bad = tree / "train" / "dog" / "broken.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
-    good = (tree / "train" / "dog" / "0.png").read_bytes()
-    (tree / "train" / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
-    return tree, bad
-
-
-def test_corrupt_images_error_or_skip(corrupt):
-    tree, bad = corrupt
-    msg = _one_line_error(folder_cfg(tree), "data.bad_images=skip")
-    assert str(bad) in msg
-    b = build_data(folder_cfg(tree, "data.bad_images=skip"))
-    assert b.skipped == 2 and len(b.train) == 12
-
-
-def test_corrupt_images_found_while_loading(corrupt, monkeypatch, tmp_path):
-    tree, bad = corrupt
-    monkeypatch.setattr(data, "VERIFY_AT_BUILD_MAX", 0)  # a "large" set: no decoding at build time
-    skip = folder_cfg(tree, "data.num_workers=0", "train.batch_size=14", "data.bad_images=skip")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        b = build_data(skip, cache_dir=tmp_path)
-        assert len(b.train) == 14 and b.skipped == 0
-        (x, y), = list(train_loader(b, skip, epoch=0))
-    assert x.shape == (14, 3, 67, 67) and torch.isfinite(x).all()
-    assert any("skipping unreadable image" in str(w.message) and str(bad) in str(w.message) for w in caught)
-    # Both bad dog files (sorted last in dog/) are replaced by the next readable file, zebra/0.png.
-    assert torch.bincount(y, minlength=3).tolist() == [4, 4, 6]
-
-    # With bad_images=error the statistics (here from the cache) need no bad file, the batch does.
-    cfg = folder_cfg(tree, "data.num_workers=1", "train.batch_size=14")
-    b = build_data(cfg, cache_dir=tmp_path)
-    assert b.stats_from_cache
-    with pytest.raises(DataError, match="data.bad_images=skip") as info:
-        list(train_loader(b, cfg, epoch=0))
-    assert "\n" not in str(info.value) and str(tree / "train" / "dog") in str(info.value)
-    _one_line_error(cfg, "data.bad_images=skip")  # without the cache, the statistics meet it first
+    # The mean image is the pixelwise mean of the training images (all 64: fewer than STATS_IMAGES).
+    want = torch.stack([b.train.image(i)[0] for i in range(64)]).double().mean(0)
+    assert b.mean_image.shape == (3, 80, 80) and b.mean_image.dtype == torch.float32
+    assert torch.allclose(b.mean_image.double(), want, atol=1e-3)
+    assert np.allclose(b.mean, (want.mean((1, 2)) / 255).numpy(), atol=0.01)  # moments use a pixel subsample

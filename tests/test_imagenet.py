@@ -130,7 +130,7 @@ def test_mat_reader_reads_struct_arrays_in_every_storage_form(endian, compress, 
     assert got["other"] == [{"x": [1.5, 2.5]}]
     assert [(s["ILSVRC2012_ID"], s["WNID"], s["num_children"], s["children"]) for s in got["synsets"]] == \
         [(r["ILSVRC2012_ID"], r["WNID"], r["num_children"], r["children"]) for r in synsets()]
-    assert class_wnids(data, use_scipy=False) == IDS
+    assert class_wnids(data) == IDS
 
 
 @pytest.mark.parametrize("data, says", [
@@ -153,28 +153,8 @@ def test_mat_reader_refuses_unreadable_files(data, says):
 def test_devkit_with_unusable_meta_is_refused_in_one_line(tmp_path, meta, says):
     kit = make_devkit(tmp_path, meta=meta)
     with pytest.raises(ImageNetError, match=says) as err:
-        val_wnids(kit, use_scipy=False)
+        val_wnids(kit)
     assert "\n" not in str(err.value) and "--devkit" in str(err.value)
-
-
-def test_scipy_and_own_reader_agree():
-    pytest.importorskip("scipy.io")
-    import scipy.io
-
-    for endian in "<>":
-        for compress in (True, False):
-            data = mat_file({"synsets": synsets()}, endian, compress)
-            assert class_wnids(data, use_scipy=True) == class_wnids(data, use_scipy=False) == IDS
-    import numpy as np
-
-    rows = np.array([[(i, w, 0)] for i, w in IDS.items()],  # a struct array, as MATLAB writes one
-                    dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
-    buf = io.BytesIO()  # and scipy's own writer, read by ours
-    scipy.io.savemat(buf, {"synsets": rows}, do_compression=True)
-    assert class_wnids(buf.getvalue(), use_scipy=False) == IDS
-
-
-# ---------------------------------------------------------------- the devkit
 
 
 @pytest.mark.parametrize("as_tar", [False, True])

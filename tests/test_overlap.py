@@ -1,15 +1,17 @@
-"""CrossingLayer in one process: its sums, and that the work really sits between start and wait.
+"""The overlapped crossing layer in one process: its sums, and that the work really sits between start and wait.
 
 A PeerLink whose `start` hands back canned peer tensors stands in for the
 other column, so the order of events can be recorded (the two-process
 equivalence with the reference is in test_parity.py).
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
 
-from alexnet_mp.exchange import PeerLink
-from alexnet_mp.overlap import ConvOp, CrossingLayer, LinearOp
+from alexnet_mp.overlap import ConvOp, LinearOp, overlapped_crossing
+from alexnet_mp.transport import PeerLink
 
 
 class ScriptedLink(PeerLink):
@@ -76,7 +78,7 @@ def test_sums_and_order_of_work(kind, column):
     op = logged(ConvOp, log)(layer) if kind == "conv" else logged(LinearOp, log)()
     mine = own.clone().requires_grad_()
     w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
-    out = CrossingLayer.apply(mine, w, b, op, link, "conv3", True)
+    out = overlapped_crossing(mine, SimpleNamespace(weight=w, bias=b), op, link, "conv3")
     out.backward(g)
 
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)

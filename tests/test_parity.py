@@ -18,10 +18,10 @@ import torch.nn.functional as F
 
 from alexnet_mp.config import build_config
 from alexnet_mp.distributed import setup
-from alexnet_mp.exchange import GatherFromPeer, PeerError
-from alexnet_mp.model import (build_column, build_reference, dropout_generator, merge_states,
-                              param_groups)
 from alexnet_mp.summary import analytic_bytes
+from alexnet_mp.trainer.optim import param_groups
+from alexnet_mp.transport import PeerError, PeerLink
+from alexnet_mp.weights import build_column, build_reference, dropout_generator, merge_states
 from harness import SMALL_MODEL, run_ranks
 
 LOGIT_TOL = dict(rtol=1e-4, atol=1e-5)
@@ -74,11 +74,20 @@ def train_sequence(model, cfg):
     return out
 
 
-def drop_peer_gradient(ctx, grad_full):
-    """A broken GatherFromPeer backward: exchanges, then forgets the peer's share."""
-    grad_own, grad_for_peer = ctx.link.split(grad_full, ctx.own_width)
-    ctx.link.exchange(grad_for_peer, grad_own.shape, grad_full, ctx.crossing, "backward")
-    return grad_own, None, None
+class _Forgotten:
+    def __init__(self, pending):
+        self.pending = pending
+
+    def wait(self):
+        return torch.zeros_like(self.pending.wait())
+
+
+class ForgetfulLink(PeerLink):
+    """A deliberately broken crossing: backward exchanges as usual, then forgets the peer's share."""
+
+    def start(self, send, recv_shape, like, crossing, phase):
+        pending = super().start(send, recv_shape, like, crossing, phase)
+        return _Forgotten(pending) if phase == "backward" and recv_shape is not None else pending
 
 
 def one_step_bytes(model, cfg, link):
@@ -93,11 +102,11 @@ def one_step_bytes(model, cfg, link):
 def pair_worker(rank, overrides, variants, broken_backward=False):
     cfg = small_cfg(*overrides)
     layout = setup(cfg.dist)
-    if broken_backward:
-        GatherFromPeer.backward = staticmethod(drop_peer_gradient)
     results = {}
     for name in variants:
-        link = layout.link(timeout_s=60)  # a fresh link: channels_last sets its wire layout
+        # A fresh link: channels_last sets its wire layout.
+        link = (ForgetfulLink(layout.column, layout.peer_rank, layout.mp_group, 60) if broken_backward
+                else layout.link(timeout_s=60))
         model = build_column(cfg.model, layout.column, link, cfg.train.seed, **VARIANTS[name])
         _, bytes_one_step = one_step_bytes(model, cfg, link)
         model = build_column(cfg.model, layout.column, link, cfg.train.seed, **VARIANTS[name])
@@ -120,13 +129,20 @@ def run_pair_and_reference(overrides, variants=tuple(VARIANTS), broken_backward=
     return cfg, results, ref
 
 
-@pytest.fixture(scope="module", params=["split", "rank0"])
+# The paper's switches (activation, pooling, LRN, dropout) must keep the pair equal to the reference too.
+SWITCHES = ["model.activation=tanh", "model.pool=plain", "model.lrn.enabled=false", "model.dropout=0.2"]
+
+
+@pytest.fixture(scope="module", params=["split", "rank0", "switches"])
 def pair_run(request):
-    return run_pair_and_reference([f"model.fc8={request.param}"])
+    overrides = SWITCHES if request.param == "switches" else [f"model.fc8={request.param}"]
+    return run_pair_and_reference(overrides)
 
 
 def analytic(cfg, rank, element_size=4):
-    return {k: v for k, v in analytic_bytes(cfg.model, BATCH, rank, element_size).items() if v["sent"] or v["recv"]}
+    """The model's crossings (the input swap is the trainer's, not the model's)."""
+    return {k: v for k, v in analytic_bytes(cfg.model, BATCH, rank, element_size).items()
+            if (v["sent"] or v["recv"]) and k != "input.forward"}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,9 +1,8 @@
 """Reliability: lost peers, restarts, preemption, checkpoints you can trust, numerical faults, bad input.
 
-Faults are injected from the test side: by patching the trainer's functions inside the spawned
-ranks (run_ranks), or, under a real torchrun, through tests/fault_driver.py.
+Faults are injected through the trainer's seams (callbacks, link observers) and torch's own hooks,
+inside spawned ranks (run_ranks) or, under a real torchrun, through tests/fault_driver.py.
 """
-import io
 import json
 import os
 import pickle
@@ -23,10 +22,11 @@ from PIL import Image
 from alexnet_mp import checkpoint, resilience
 from alexnet_mp.config import ConfigError, build_config
 from alexnet_mp.distributed import setup
-from alexnet_mp.exchange import PeerError
 from alexnet_mp.rundir import RunDirError, load_run_config
+from alexnet_mp.trainer import Callback
+from alexnet_mp.transport import PeerError
 from harness import free_port, run_ranks
-from test_train import TINY, final_weights, run_script, train_script
+from test_train import TINY, final_weights, run_script, script_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 3  # dist.timeout_s in the lost-peer tests
@@ -69,16 +69,18 @@ def test_sigkill_mid_exchange_restarts_and_ends_with_the_uninterrupted_weights(t
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_sigterm_stops_both_ranks_after_the_step_with_a_checkpoint_and_the_next_start_resumes(tmp_path, straight):
-    # Rank 0 signals the torchrun agent in step 3, as a scheduler would; the agent forwards SIGTERM
-    # to both workers (and their data-loader processes).
+def test_sigterm_stops_both_ranks_after_the_same_step_with_a_checkpoint_and_the_next_start_resumes(tmp_path,
+                                                                                                     straight):
+    # Rank 0 signals the torchrun agent after step 3, as a scheduler would; the agent forwards SIGTERM
+    # to both workers (and their data-loader processes). Step 4 carries the request in its agreement;
+    # the host reads that one step late, so both ranks stop after step 5.
     proc = torchrun("term", 3, 0, f"run.out_dir={tmp_path}", "run.name=pre", "data.num_workers=1",
                     "dist.timeout_s=30")
     log = proc.stdout + proc.stderr
-    assert "stopped after step 3 on a stop signal" in log, log[-3000:]
+    assert "stopped after step 5 on a stop signal" in log, log[-3000:]
     assert "error (rank" not in log and "exited unexpectedly" not in log
     folder, manifest = checkpoint.latest_good(tmp_path / "pre" / "checkpoints")
-    assert folder.name == "step-000000003" and manifest["trainer"]["step"] == 3
+    assert folder.name == "step-000000005" and manifest["trainer"]["step"] == 5
     run_script(tmp_path, f"run.resume={tmp_path / 'pre'}", name="unused")
     assert_same_weights(final_weights(tmp_path / "pre"), straight)
 
@@ -124,18 +126,21 @@ def hang(done: Path) -> None:
     os._exit(0)
 
 
+class HangBeforeAgreement(Callback):
+    """Rank 1 stops answering at the end of step 2's backward, just before the per-step agreement."""
+
+    def __init__(self, done: str):
+        self.done = done
+
+    def on_fit_start(self, trainer):
+        first = next(trainer.model.parameters())  # conv1's weight: its gradient is the last one of a backward
+        steps = [trainer.state.step]
+        first.register_post_accumulate_grad_hook(lambda p: hang(Path(self.done)) if trainer.state.step == steps[0] + 1
+                                                 else None)
+
+
 def hang_in_step_worker(rank, argv, done):
-    """Rank 1 stops answering just before step 2's agreement."""
-    real, calls = resilience.step_verdict, [0]
-
-    def verdict(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == 2 and rank == 1:
-            hang(Path(done))
-        return real(*args, **kwargs)
-
-    resilience.step_verdict = verdict
-    code = train_script.main(argv)
+    code = script_worker(rank, argv, [HangBeforeAgreement(done)] if rank == 1 else [])
     Path(done).touch()
     return code
 
@@ -156,9 +161,9 @@ def test_hung_peer_in_a_collective_ends_the_survivor_within_the_timeout(tmp_path
     assert f"flight recorder written to {dump}" in err
     newest = pickle.loads(dump.read_bytes())["entries"][-1]
     assert newest["profiling_name"].endswith("all_reduce")
-    assert any(f["name"] == "step_verdict" for f in newest["frames"])
+    assert any(f["name"] == "agree" for f in newest["frames"])
     text = resilience.describe_flight_recorder(dump.parent)
-    assert "rank_0" in text and "all_reduce" in text.splitlines()[-1] and "step_verdict" in text.splitlines()[-1]
+    assert "rank_0" in text and "all_reduce" in text.splitlines()[-1] and "agree" in text.splitlines()[-1]
 
 
 def hang_in_checkpoint_worker(rank, root, done):
@@ -194,40 +199,39 @@ def test_debug_env_turns_on_nccl_error_handling_and_the_flight_recorder():
 # ---------------------------------------------------------------- numerical faults
 
 
+class Faults(Callback):
+    """Poisons this rank's loss ("loss") or one gradient element ("grad") at given steps (1-based), through
+    torch's hooks; records the weights after every step and at the end."""
+
+    def __init__(self, faults: dict):
+        self.faults, self.after_step, self.final, self.trainer = faults, {}, None, None
+
+    def on_fit_start(self, trainer):
+        self.trainer = trainer
+        trainer.model.register_forward_hook(lambda m, args, out: out * float("nan")
+                                            if m.training and self._now() == "loss" else None)
+        first = next(trainer.model.parameters())
+        first.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), float("inf")) if self._now() == "grad" else None)
+
+    def _now(self):
+        return self.faults.get(self.trainer.state.step + 1)
+
+    def on_step_end(self, trainer):
+        self.after_step[trainer.state.step] = _weights(trainer.model)
+
+    def on_fit_end(self, trainer, error):
+        self.final = _weights(trainer.model)
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def fault_worker(rank, argv, faults):
-    """Run the trainer with faults {rank: {attempt: "loss" | "grad"}}; attempt counts training steps tried.
-
-    Returns the exit code, this column's weights when it stopped and its optimiser step count.
-    """
-    mine, counts, kept = faults.get(rank, {}), {"loss": 0, "verdict": 0, "steps": 0}, {}
-    real_loss, real_verdict, real_build = (torch.nn.functional.cross_entropy, resilience.step_verdict,
-                                           train_script.build_column)
-
-    def loss_fn(*args, **kwargs):
-        counts["loss"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if mine.get(counts["loss"]) == "loss" else loss
-
-    def verdict(loss, model, *args, **kwargs):
-        counts["verdict"] += 1
-        if mine.get(counts["verdict"]) == "grad":
-            next(model.parameters()).grad.view(-1)[0] = float("inf")  # one element of one gradient
-        return real_verdict(loss, model, *args, **kwargs)
-
-    def build(*args, **kwargs):
-        kept["model"] = real_build(*args, **kwargs)
-        return kept["model"]
-
-    real_step = torch.optim.SGD.step
-
-    def step(self, *args, **kwargs):
-        counts["steps"] += 1
-        return real_step(self, *args, **kwargs)
-
-    torch.nn.functional.cross_entropy, resilience.step_verdict = loss_fn, verdict
-    train_script.build_column, torch.optim.SGD.step = build, step
-    code = train_script.main(argv)
-    return code, {k: v.clone() for k, v in kept["model"].state_dict().items()}, counts["steps"]
+    """The trainer with `faults` {rank: {step: kind}}: (exit code, weights after each step, final weights)."""
+    recorder = Faults(faults.get(rank, {}))
+    code = script_worker(rank, argv, [recorder])
+    return code, recorder.after_step, recorder.final
 
 
 def test_nan_loss_on_one_rank_stops_both_before_the_update(tmp_path, capfd):
@@ -237,24 +241,29 @@ def test_nan_loss_on_one_rank_stops_both_before_the_update(tmp_path, capfd):
     assert "non-finite loss or gradient at step 3 (epoch 1, batch 2)" in capfd.readouterr().err
     folder, manifest = checkpoint.latest_good(tmp_path / "nan" / "checkpoints")
     assert folder.name == "step-000000002"  # nothing written after the fault
-    for c in (0, 1):  # the weights in memory are those of step 2: the optimiser never ran on step 3
-        assert results[c][2] == 2
+    for c in (0, 1):  # the weights in memory are still those of step 2: no update was applied after it
         saved = checkpoint.load_column(folder, c)["model"]
-        assert all(torch.equal(results[c][1][k], v) for k, v in saved.items())
+        assert all(torch.equal(results[c][2][k], v) for k, v in saved.items())
+        assert all(torch.equal(results[c][1][3][k], v) for k, v in saved.items())
 
 
 def test_skipped_nonfinite_steps_are_counted_and_never_reach_the_weights(tmp_path, capfd):
     argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=skip", "run.nonfinite=skip", "train.epochs=1"]
-    # An infinite gradient on rank 0 in the 2nd step tried, a NaN loss on rank 1 in the 5th.
+    # An infinite gradient on rank 0 in step 2, a NaN loss on rank 1 in step 5.
     results = run_ranks(fault_worker, args=(argv, {0: {2: "grad"}, 1: {5: "loss"}}), timeout=120)
     assert [results[r][0] for r in (0, 1)] == [0, 0]
-    assert [results[r][2] for r in (0, 1)] == [6, 6]  # 8 batches, 2 skipped, on both ranks alike
     out = capfd.readouterr().out
-    assert "skipped step 2 (epoch 1, batch 1)" in out and "skipped step 4 (epoch 1, batch 4)" in out
+    assert "skipped step 2 (epoch 1, batch 1)" in out and "skipped step 5 (epoch 1, batch 4)" in out
+    for c in (0, 1):
+        after = results[c][1]
+        for step in (2, 5):  # both columns skipped both updates: the weights did not move
+            assert all(torch.equal(after[step][k], after[step - 1][k]) for k in after[step])
+        for step in (3, 6):  # and the steps after them trained again
+            assert not all(torch.equal(after[step][k], after[step - 1][k]) for k in after[step])
     summary = json.loads((tmp_path / "skip" / "summary.json").read_text())
-    assert summary["skipped_steps"] == 2 and summary["steps"] == 6
+    assert summary["skipped_steps"] == 2 and summary["steps"] == 8
     folder, manifest = checkpoint.latest_good(tmp_path / "skip" / "checkpoints")
-    assert manifest["trainer"]["step"] == 6 and manifest["trainer"]["skipped"] == 2
+    assert manifest["trainer"]["step"] == 8 and manifest["trainer"]["skipped"] == 2
     for c in (0, 1):
         assert all(torch.isfinite(v).all() for v in checkpoint.load_column(folder, c)["model"].values())
 
@@ -262,17 +271,13 @@ def test_skipped_nonfinite_steps_are_counted_and_never_reach_the_weights(tmp_pat
 # ---------------------------------------------------------------- bad input while running
 
 
-def changing_data_worker(rank, argv, root):
-    """Rank 0 adds a training image while epoch 1 is being evaluated."""
-    real = train_script.evaluate
+class AddImageAfterFirstEpoch(Callback):
+    def __init__(self, root):
+        self.root = Path(root)
 
-    def evaluate(*args, **kwargs):
-        if rank == 0 and not (Path(root) / "train" / "c0" / "late.png").exists():
-            _image(Path(root) / "train" / "c0" / "late.png", 7)
-        return real(*args, **kwargs)
-
-    train_script.evaluate = evaluate
-    return train_script.main(argv)
+    def on_epoch_end(self, trainer, record):
+        if trainer.layout.is_main:
+            _image(self.root / "train" / "c0" / "late.png", 7)
 
 
 def _image(path: Path, seed: int) -> None:
@@ -287,141 +292,38 @@ def test_a_data_folder_that_changes_between_epochs_stops_the_run(tmp_path, capfd
             _image(root / "train" / f"c{k}" / f"{i}.png", 10 * k + i)
         _image(root / "val" / f"c{k}" / "v.png", 100 + k)
     argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=data", "data.dataset=folder", f"data.root={root}"]
-    assert run_ranks(changing_data_worker, args=(argv, str(root)), timeout=120) == {0: 1, 1: 1}
+    assert run_ranks(script_worker, args=(argv, [AddImageAfterFirstEpoch(root)]), timeout=120) == {0: 1, 1: 1}
     err = capfd.readouterr().err
     assert f"the data set changed during the run ({root}" in err and "epoch 1 is intact" in err
     folder, manifest = checkpoint.latest_good(tmp_path / "data" / "checkpoints")
     assert manifest["trainer"]["epoch"] == 1
 
 
-class FullDisk(io.RawIOBase):
-    def writable(self):
-        return True
+class FileSizeLimit(Callback):
+    """After step `step`, this process may write no file larger than `limit` bytes (RLIMIT_FSIZE, as a
+    quota would): the next checkpoint's write fails with EFBIG, for real."""
 
-    def write(self, data):
-        raise OSError(28, "No space left on device")
+    def __init__(self, step: int, limit: int):
+        self.step, self.limit = step, limit
 
-
-def full_disk_worker(rank, argv):
-    """Column 1's second checkpoint file meets a full disk."""
-    opened = [0]
-
-    def fake_open(path, mode="r", *args, **kwargs):
-        if rank == 1 and str(path).endswith("column1.pt.part"):
-            opened[0] += 1
-            if opened[0] == 2:
-                return FullDisk()
-        return open(path, mode, *args, **kwargs)
-
-    checkpoint.open = fake_open
-    return train_script.main(argv)
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            import resource
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error return instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
 
 
-def test_a_full_disk_while_saving_stops_cleanly_and_keeps_the_last_checkpoint(tmp_path, capfd):
+def test_a_write_that_fails_mid_checkpoint_stops_both_ranks_and_keeps_the_last_checkpoint(tmp_path, capfd):
     argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=full", "run.checkpoint_every=2", "train.epochs=1"]
-    assert run_ranks(full_disk_worker, args=(argv,), timeout=120) == {0: 1, 1: 1}
+    codes = run_ranks(script_worker, args=(argv, ()), timeout=120,
+                      per_rank_args={1: (argv, [FileSizeLimit(3, 4096)])})
+    assert codes == {0: 1, 1: 1}
     err = capfd.readouterr().err
-    assert "No space left on device" in err and "the last good checkpoint, step-000000002, is intact" in err
+    assert err.count("file too large") >= 2, err  # both ranks say why, not "the peer died"
+    assert "the last good checkpoint, step-000000002, is intact" in err
     root = tmp_path / "full" / "checkpoints"
     assert [p.name for p in root.iterdir()] == ["step-000000002"]  # no half-written step-4 left behind
     assert checkpoint.latest_good(root)[1]["trainer"]["step"] == 2
-
-
-# ---------------------------------------------------------------- checkpoints you can trust
-
-
-def fake_checkpoint(root: Path, step: int) -> Path:
-    """A committed checkpoint in the trainer's format, written without process groups."""
-    folder = checkpoint.step_dir(root, step)
-    folder.mkdir(parents=True)
-    files = {}
-    for c in (0, 1):
-        torch.save({"model": {"w": torch.full((64,), float(step))}}, folder / f"column{c}.pt")
-        files[f"column{c}.pt"] = checkpoint.sha256(folder / f"column{c}.pt")
-    manifest = {"format": checkpoint.FORMAT, "step": step, "model_hash": "m", "files": files}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
-def _truncate(folder):
-    path = folder / "column1.pt"
-    path.write_bytes(path.read_bytes()[:100])
-
-
-def _flip_a_byte(folder):
-    data = bytearray((folder / "column0.pt").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (folder / "column0.pt").write_bytes(bytes(data))
-
-
-def _edit_manifest(folder, edit):
-    manifest = json.loads((folder / "manifest.json").read_text())
-    edit(manifest)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
-DAMAGE = {
-    "truncated file": (_truncate, "does not match its checksum"),
-    "corrupted bytes": (_flip_a_byte, "does not match its checksum"),
-    "missing manifest": (lambda f: (f / "manifest.json").unlink(), "missing or unreadable"),
-    "torn manifest": (lambda f: (f / "manifest.json").write_text('{"format": 1, "fi'), "missing or unreadable"),
-    "checksum of the wrong file": (lambda f: _edit_manifest(f, lambda m: m["files"].update(
-        {"column1.pt": m["files"]["column0.pt"]})), "does not match its checksum"),
-    "a column missing from the manifest": (lambda f: _edit_manifest(f, lambda m: m["files"].pop("column1.pt")),
-                                           "no checksum for column1.pt"),
-    "a missing column file": (lambda f: (f / "column0.pt").unlink(), "column0.pt is missing"),
-}
-
-
-@pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_checkpoint_is_detected_and_the_previous_good_one_used(tmp_path, damage):
-    root = tmp_path / "run" / "checkpoints"
-    fake_checkpoint(root, 2)
-    newest = fake_checkpoint(root, 4)
-    spoil, words = DAMAGE[damage]
-    spoil(newest)
-    warnings = []
-    folder, manifest = checkpoint.latest_good(root, warn=warnings.append)
-    assert folder.name == "step-000000002" and manifest["step"] == 2
-    assert len(warnings) == 1 and "step-000000004" in warnings[0] and words in warnings[0]
-    assert checkpoint.resolve(tmp_path / "run")[0] == folder  # what run.resume=RUN loads
-    with pytest.raises(checkpoint.CheckpointError, match=f"{words}|no checkpoint that verifies"):
-        checkpoint.resolve(newest)  # named explicitly, a damaged checkpoint is an error
-
-
-class Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return os.makedirs, (self.target,)
-
-
-def test_loading_refuses_pickled_code_even_with_a_valid_checksum(tmp_path):
-    folder = fake_checkpoint(tmp_path, 1)
-    torch.save({"model": Exploit(str(tmp_path / "pwned"))}, folder / "column0.pt")
-    _edit_manifest(folder, lambda m: m["files"].update({"column0.pt": checkpoint.sha256(folder / "column0.pt")}))
-    checkpoint.verify(folder)
-    with pytest.raises(checkpoint.CheckpointError, match="cannot be read"):
-        checkpoint.load_column(folder, 0)
-    assert not (tmp_path / "pwned").exists()
-
-
-def test_a_leftover_tmp_folder_is_not_a_checkpoint(tmp_path):
-    fake_checkpoint(tmp_path, 2)
-    (tmp_path / "step-000000004.tmp").mkdir()  # a crash mid-write
-    assert [p.name for p in checkpoint.committed(tmp_path)] == ["step-000000002"]
-
-
-def test_checkpoints_from_another_model_or_model_parallel_size_are_refused():
-    folder = Path("runs/x/checkpoints/step-000000002")
-    manifest = {"model_hash": "m", "world_size": 2, "mp": 2}
-    checkpoint.check_compatible(folder, manifest, "m")
-    checkpoint.check_compatible(folder, dict(manifest, world_size=8), "m")  # any data-parallel size loads
-    with pytest.raises(checkpoint.CheckpointError, match="another model config"):
-        checkpoint.check_compatible(folder, manifest, "other")
-    with pytest.raises(checkpoint.CheckpointError, match="4 model-parallel columns"):
-        checkpoint.check_compatible(folder, dict(manifest, world_size=4, mp=4), "m")
 
 
 # ---------------------------------------------------------------- configs

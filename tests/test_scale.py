@@ -7,9 +7,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from alexnet_mp.config import build_config
-from alexnet_mp.distributed import LaunchError, ParallelDims, setup
-from alexnet_mp.model import build_column, build_reference, dropout_generator, merge_states, param_groups
+from alexnet_mp.distributed import setup
+from alexnet_mp.parallel_dims import LaunchError, ParallelDims
 from alexnet_mp.profiler import AllReduceMeter, HostClock
+from alexnet_mp.trainer.optim import param_groups
+from alexnet_mp.weights import build_column, build_reference, dropout_generator, merge_states
 from harness import run_ranks
 from test_parity import GRAD_TOL, WEIGHT_TOL, small_cfg
 from test_train import TINY, final_weights, script_worker
@@ -129,12 +131,20 @@ def test_odd_world_size_and_wrong_replica_count_are_refused():
     with pytest.raises(LaunchError, match="must be even"):
         ParallelDims(1)
     assert ParallelDims(8).dp == 4 and ParallelDims(8).peer(5) == 4
+    # One process per model replica (dist.mp=1): any number of processes, no peer.
+    assert ParallelDims(3, mp=1).dp == 3 and ParallelDims(3, mp=1).peer(2) is None
+    with pytest.raises(LaunchError, match="dist.mp must be 2"):
+        ParallelDims(4, mp=4)
+    # A pair never straddles two nodes: an odd number of processes per node (one included) is refused.
+    for local in (1, 3):
+        with pytest.raises(LaunchError, match="straddle two nodes"):
+            ParallelDims(6, local_world_size=local)
 
 
 def test_mesh_that_does_not_divide_fails_at_start(monkeypatch):
     for key, value in {"WORLD_SIZE": "4", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(LaunchError, match="dist.dp=3 replicas x 2 columns needs 6 processes"):
+    with pytest.raises(LaunchError, match="dist.dp=3 replicas x 2 processes needs 6 processes"):
         setup(build_config(overrides=["dist.device=cpu", "dist.dp=3"]).dist)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(LaunchError, match="would straddle two nodes"):

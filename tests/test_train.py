@@ -8,30 +8,31 @@ from pathlib import Path
 import pytest
 import torch
 
+import train as train_script  # launch/train.py (pytest's pythonpath)
 from alexnet_mp import checkpoint
 from alexnet_mp.config import build_config
-from alexnet_mp.data import batch_checksum, build_data, train_loader
+from alexnet_mp.data import batch_checksum
 from alexnet_mp.distributed import setup
 from alexnet_mp.export import export, load_single_device
-from alexnet_mp.model import AlexNetColumn, build_reference, dropout_generator, split_state
+from alexnet_mp.model import AlexNetColumn
+from alexnet_mp.trainer import Callback
+from alexnet_mp.weights import build_column, build_reference, dropout_generator, split_state
 from harness import SMALL_MODEL, free_port, run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "launch"))
-import train as train_script  # noqa: E402
 
 TINY = [*SMALL_MODEL, "data.image_size=72", "data.resize=72", "data.train_size=64", "data.val_size=24",
         "data.num_workers=0", "train.batch_size=8", "train.epochs=2", "train.lr=0.02",
         "dist.device=cpu", "dist.threads=1", "run.progress=false"]
 
 
-def script_worker(rank, argv):
-    return train_script.main(argv)
+def script_worker(rank, argv, callbacks=()):
+    return train_script.main(argv, callbacks=callbacks)
 
 
-def run_script(tmp_path, *extra, name="run", expect=0):
+def run_script(tmp_path, *extra, name="run", expect=0, callbacks=()):
     argv = [*TINY, f"run.out_dir={tmp_path}", f"run.name={name}", *extra]
-    codes = run_ranks(script_worker, args=(argv,), timeout=180)
+    codes = run_ranks(script_worker, args=(argv, callbacks), timeout=180)
     assert codes == {0: expect, 1: expect}
     return tmp_path / name
 
@@ -43,7 +44,8 @@ def final_weights(run_path):
 
 def test_torchrun_trains_and_writes_the_run_directory(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(ROOT / "launch" / "train.py"), *TINY, "run.progress=true", f"run.out_dir={tmp_path}", "run.name=r"]
+           str(ROOT / "launch" / "train.py"), *TINY, "run.progress=true", "run.log_every=4",
+           f"run.out_dir={tmp_path}", "run.name=r"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "r"
@@ -56,9 +58,15 @@ def test_torchrun_trains_and_writes_the_run_directory(tmp_path):
             assert key in r, key
         assert 0 <= r["val_top1"] <= r["val_top5"] <= 1 and r["images_per_sec"] > 0
     assert "val_tencrop_top1" in records[-1]
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [4, 8, 12, 16]  # run.log_every=4, 8 steps per epoch
+    for s in steps:
+        assert set(s) == {"step", "epoch", "loss", "top1", "lr", "images_per_sec", "data_wait_share", "step_time_s"}
+        assert s["loss"] > 0 and 0 <= s["top1"] <= 1 and 0 <= s["data_wait_share"] <= 1 and s["step_time_s"] > 0
+    assert [s["epoch"] for s in steps] == [1, 1, 2, 2] and steps[0]["lr"] == 0.02
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 2 and "summary:" in proc.stdout
-    assert "epoch 2/2" in proc.stderr  # rank 0's progress bar
+    assert "epoch 2/2: 8/8 (100%)" in proc.stderr  # rank 0's progress, as log lines without a terminal
     assert len(checkpoint.committed(run / "checkpoints")) == 2  # keep_checkpoints
 
 
@@ -77,15 +85,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert epochs == [1, 2]
 
 
-def checksum_worker(rank, overrides):
-    cfg = build_config(overrides=[*TINY, *overrides])
-    setup(cfg.dist)
-    data = build_data(cfg)
-    return [batch_checksum(x, y) for epoch in (0, 1) for x, y in train_loader(data, cfg, epoch)]
+class InputChecksums(Callback):
+    """The checksum of every training input the model saw."""
+
+    def __init__(self):
+        self.sums = []
+
+    def on_fit_start(self, trainer):
+        trainer.model.register_forward_pre_hook(
+            lambda m, args: self.sums.append(batch_checksum(args[0])) if m.training else None)
 
 
-def test_both_ranks_see_identical_batches():
-    sums = run_ranks(checksum_worker, args=(["data.num_workers=2"],), timeout=120)
+def checksum_worker(rank, argv):
+    recorder = InputChecksums()
+    assert train_script.main(argv, callbacks=[recorder]) == 0
+    return recorder.sums
+
+
+def test_both_columns_train_on_identical_batches_with_loader_workers(tmp_path):
+    """Each column decodes half of every batch in its workers; after the swap both hold the same inputs."""
+    argv = [*TINY, "data.num_workers=2", f"run.out_dir={tmp_path}", "run.name=w"]
+    sums = run_ranks(checksum_worker, args=(argv,), timeout=180)
     assert sums[0] == sums[1] and len(set(sums[0])) == len(sums[0]) == 16
 
 
@@ -97,7 +117,8 @@ def test_export_gives_the_pairs_logits_and_round_trips(tmp_path):
     cfg = build_config(overrides=TINY)
     state, meta = load_single_device(out, cfg.model)
     assert meta["num_classes"] == 5 and len(meta["classes"]) == 5 and meta["crop_size"] == 67
-    assert meta["lrn"] == {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0} and len(meta["mean"]) == 3
+    assert meta["lrn"] == {"enabled": True, "size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+    assert len(meta["mean"]) == 3 and meta["normalize"] == "meanstd"
     # The exported network reproduces the pair's logits.
     ref = build_reference(cfg.model, 0)
     ref.load_state_dict(blob["state_dict"])
@@ -134,7 +155,6 @@ def logits_worker(rank, run, images):
     cfg = build_config(overrides=TINY)
     layout = setup(cfg.dist)
     folder, _ = checkpoint.resolve(run)
-    from alexnet_mp.model import build_column
     model = build_column(cfg.model, layout.column, layout.link(60), 0)
     model.load_state_dict(checkpoint.load_column(folder, layout.column)["model"])
     model.set_dropout_generator(dropout_generator(0, "cpu"))
@@ -196,4 +216,4 @@ def test_trains_on_an_image_folder_as_the_readme_says(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "f" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["val_top1"] > 1 / 3  # three plain colours: above chance
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs"] == 2
-    assert list((tmp_path / ".cache").glob("*.json")), "PCA statistics were not cached"
+    assert list((tmp_path / ".cache").glob("data-stats-*")), "the data statistics were not cached"

@@ -1,0 +1,217 @@
+"""What a real run does, pinned through the trainer's own code paths (not a test-built copy of them).
+
+Three small runs of the real `Trainer.fit()`: the pair (2 processes) and the single-process
+reference (dist.mp=1) on the same config with dropout, and the reference without dropout. A
+`Recorder` callback captures what each step actually used: the model's input, the dropout masks,
+the optimiser's hyper-parameters, the weights. The assertions compare the pair with the reference
+(inputs, masks, weights: a mistake in the wiring the pair and reference share would not show there)
+and the reference with an independent recipe written out here (the paper's SGD with the schedule
+computed by hand), so a mistake both share shows too.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexnet_mp.config import build_config
+from alexnet_mp.distributed import setup
+from alexnet_mp.model import SharedDropout
+from alexnet_mp.trainer import Callback, Trainer
+from alexnet_mp.trainer.evaluate import batch_sums
+from alexnet_mp.weights import build_reference, merge_states
+from harness import SMALL_MODEL, run_ranks
+
+BASE = [*SMALL_MODEL, "model.num_classes=12", "data.image_size=72", "data.resize=72", "data.train_size=32",
+        "data.val_size=12", "data.num_workers=0", "train.batch_size=8", "train.epochs=3", "train.lr=0.02",
+        "dist.device=cpu", "dist.threads=1", "run.progress=false", "data.ten_crop=false"]
+STEPS = 12  # 4 steps per epoch, 3 epochs: the scaled milestones divide the rate after epochs 1 and 2
+
+
+class Recorder(Callback):
+    """Captures, per training step, what the step really used."""
+
+    def __init__(self):
+        self.inputs, self.labels, self.masks, self.hyper, self.weights = [], [], [], [], None
+
+    def on_fit_start(self, trainer):
+        model = trainer.model
+        model.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0].detach().clone())
+                                        if m.training else None)
+        for name, module in model.named_modules():
+            if isinstance(module, SharedDropout):
+                module.register_forward_hook(lambda m, args, out, name=name: self._mask(name, args[0], out)
+                                             if m.training else None)
+
+    def _mask(self, name, before, after):
+        if len(self.masks) < len(self.inputs):
+            self.masks.append({})
+        self.masks[-1][name] = (before.detach().clone(), after.detach().clone())
+
+    def on_step_begin(self, trainer, batch):
+        self.labels.append(batch.labels.clone())
+
+    def on_step_end(self, trainer):
+        self.hyper.append([{k: g[k] for k in ("lr", "momentum", "weight_decay", "dampening", "nesterov")}
+                           | {"names": sorted(n for n, p in trainer.model.named_parameters()
+                                              if any(p is q for q in g["params"]))}
+                           for g in trainer.optimizer.param_groups])
+
+    def on_fit_end(self, trainer, error):
+        self.weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def fit_worker(rank, overrides, out_dir):
+    cfg = build_config(overrides=[*BASE, f"run.out_dir={out_dir}", f"run.name=r{len(overrides)}", *overrides])
+    recorder = Recorder()
+    Trainer(cfg, setup(cfg.dist), callbacks=[recorder]).fit()
+    return {k: getattr(recorder, k) for k in ("inputs", "labels", "masks", "hyper", "weights")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    pair = run_ranks(fit_worker, 2, args=(["model.dropout=0.5"], str(out / "pair")), timeout=180)
+    single = run_ranks(fit_worker, 1, args=(["model.dropout=0.5", "dist.mp=1"], str(out / "single")), timeout=180)
+    plain = run_ranks(fit_worker, 1, args=(["model.dropout=0", "dist.mp=1"], str(out / "plain")), timeout=180)
+    return pair, single[0], plain[0]
+
+
+def test_both_columns_and_the_reference_train_on_the_same_inputs(runs):
+    pair, single, _ = runs
+    assert len(single["inputs"]) == STEPS
+    for step in range(STEPS):
+        for rank in (0, 1):
+            assert torch.equal(pair[rank]["inputs"][step], single["inputs"][step]), f"rank {rank} step {step}"
+            assert torch.equal(pair[rank]["labels"][step], single["labels"][step])
+    assert not torch.equal(single["inputs"][0], single["inputs"][4])
+
+
+def test_the_columns_apply_the_slices_of_the_references_dropout_masks(runs):
+    pair, single, _ = runs
+    for step in (0, STEPS - 1):
+        for name in ("drop6", "drop7"):
+            ref_in, ref_out = single["masks"][step][name]
+            kept = [pair[r]["masks"][step][name] for r in (0, 1)]
+            col_in = torch.cat([k[0] for k in kept], dim=1)
+            col_out = torch.cat([k[1] for k in kept], dim=1)
+            where = (ref_in.abs() > 1e-6) & (col_in.abs() > 1e-6)  # a unit with no input shows no mask
+            assert where.sum() > 20
+            assert torch.equal(ref_out[where] != 0, col_out[where] != 0), f"{name} step {step}"
+            assert 0.2 < (ref_out[where] != 0).float().mean() < 0.8  # p = 0.5 did drop units
+    # Every step draws new masks.
+    a, b = (single["masks"][s]["drop6"] for s in (0, 1))
+    assert not torch.equal(a[1] != 0, b[1] != 0)
+
+
+def test_the_pair_ends_with_the_references_weights(runs):
+    pair, single, _ = runs
+    cfg = build_config(overrides=BASE).model
+    merged = merge_states([pair[0]["weights"], pair[1]["weights"]], cfg)
+    for key, value in single["weights"].items():
+        torch.testing.assert_close(merged[key], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_the_optimiser_uses_the_papers_recipe_at_every_step(runs):
+    _, single, _ = runs
+    for step, groups in enumerate(single["hyper"]):
+        epoch = step // 4
+        lr = 0.02 * 0.1 ** epoch  # the scaled milestones: epochs 1 and 2
+        decayed, plain = groups
+        assert decayed["lr"] == pytest.approx(lr) and plain["lr"] == pytest.approx(lr)
+        assert decayed["momentum"] == plain["momentum"] == 0.9
+        assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
+        assert decayed["dampening"] == 0 and not decayed["nesterov"]
+        assert all(n.endswith(".weight") for n in decayed["names"]) and len(decayed["names"]) == 8
+        assert all(n.endswith(".bias") for n in plain["names"]) and len(plain["names"]) == 8
+
+
+def test_the_run_equals_the_recipe_written_out_by_hand(runs):
+    """The reference trained here with torch's plain SGD on the inputs the run used."""
+    _, _, plain = runs
+    cfg = build_config(overrides=[*BASE, "model.dropout=0", "dist.mp=1"])
+    model = build_reference(cfg.model, cfg.train.seed)  # the init is checked in test_units
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 5e-4}, {"params": biases, "weight_decay": 0.0}],
+                          lr=0.02, momentum=0.9)
+    model.train()
+    for step in range(STEPS):
+        for group in opt.param_groups:
+            group["lr"] = 0.02 * 0.1 ** (step // 4)
+        loss = F.cross_entropy(model(plain["inputs"][step]), plain["labels"][step])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(plain["weights"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def ten_views(*views):
+    return torch.stack([torch.tensor(v, dtype=torch.float32) for v in views])
+
+
+def test_batch_sums_are_the_hand_computed_figures():
+    """Ten crops: probabilities (not logits) averaged per image, views grouped image by image; top-5 is 5."""
+    k = 12
+    # Image 0 (label 3): nine views favour class 3 a little, one view class 5 a lot. Averaged
+    # probabilities pick 3; averaged logits would pick 5.
+    mild = [0.0] * k
+    mild[3] = 2.0
+    loud = [0.0] * k
+    loud[5] = 30.0
+    image0 = ten_views(*([mild] * 9), loud)
+    # Image 1 (label 4): four classes above the label: a top-5 hit, a top-4 miss.
+    four_above = [5.0] * 4 + [4.0] + [0.0] * (k - 5)
+    # Image 2 (label 6): five classes above: a top-5 miss.
+    five_above = [5.0] * 5 + [0.0, 4.0] + [0.0] * (k - 7)
+    logits = torch.cat([image0, ten_views(*[four_above] * 10), ten_views(*[five_above] * 10)])
+    labels = torch.tensor([3, 4, 6])
+    loss, top1, top5 = batch_sums(logits, labels, views=10).tolist()
+    probs = [F.softmax(logits[10 * i:10 * (i + 1)], dim=1).mean(0) for i in range(3)]
+    assert loss == pytest.approx(sum(-math.log(p[y]) for p, y in zip(probs, labels.tolist())))
+    assert (top1, top5) == (1, 2)
+    assert batch_sums(logits[:10].mean(0, keepdim=True), labels[:1]).tolist()[1] == 0  # logits averaged: a miss
+
+
+class HostRead(RuntimeError):
+    pass
+
+
+class NoHostReads(Callback):
+    """While `train_step` runs, any read of a tensor's value by the host raises."""
+
+    NAMES = ("item", "tolist", "__bool__", "cpu")
+
+    def __init__(self):
+        self.saved, self.steps = {}, 0
+
+    def on_step_begin(self, trainer, batch):
+        self.saved = {name: getattr(torch.Tensor, name) for name in self.NAMES}
+        for name in self.NAMES:
+            setattr(torch.Tensor, name, self._refuse(name))
+        with pytest.raises(HostRead):  # the trap is set
+            torch.ones(1).item()
+
+    @staticmethod
+    def _refuse(name):
+        def refuse(*args, **kwargs):
+            raise HostRead(f"Tensor.{name} inside the training step")
+        return refuse
+
+    def on_step_end(self, trainer):
+        for name, fn in self.saved.items():
+            setattr(torch.Tensor, name, fn)
+        self.steps += 1
+
+
+def no_host_read_worker(rank, overrides, out_dir):
+    cfg = build_config(overrides=[*BASE, f"run.out_dir={out_dir}", "run.name=r", "train.max_steps=3", *overrides])
+    trap = NoHostReads()
+    Trainer(cfg, setup(cfg.dist), callbacks=[trap]).fit()
+    return trap.steps
+
+
+@pytest.mark.parametrize("overrides", [[], ["dist.overlap=false", "run.nonfinite=skip"]])
+def test_the_training_step_never_reads_the_device_from_the_host(tmp_path, overrides):
+    assert run_ranks(no_host_read_worker, 2, args=(overrides, str(tmp_path)), timeout=120) == {0: 3, 1: 3}
