@@ -10,7 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import compat, resilience
+from . import resilience
 from .config import DistConfig
 from .parallel_dims import LaunchError, ParallelDims
 from .transport import PeerLink

@@ -24,7 +24,6 @@ run after an interruption finishes the job.
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import re

@@ -1,7 +1,6 @@
 """ILSVRC-2012 validation folders: the MAT v5 reader, the devkit, and valprep on a made-up devkit."""
 from __future__ import annotations
 
-import io
 import struct
 import subprocess
 import sys

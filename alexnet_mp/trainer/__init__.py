@@ -1,4 +1,6 @@
 """The training loop: `Trainer` and its seams (`Callback`)."""
-from ..callbacks import Callback, CallbackList  # noqa: F401
-from .guard import StepResult  # noqa: F401
-from .trainer import NonFiniteError, Trainer, TrainState  # noqa: F401
+from ..callbacks import Callback, CallbackList
+from .guard import StepResult
+from .trainer import NonFiniteError, Trainer, TrainState
+
+__all__ = ["Callback", "CallbackList", "NonFiniteError", "StepResult", "Trainer", "TrainState"]

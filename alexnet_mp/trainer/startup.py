@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checkpoint, resilience, rundir
-from ..data import DataError, Loaders, build_data, dataset_fingerprint
+from ..data import DataError, build_data, dataset_fingerprint
 from ..distributed import decided_by_main, on_main_first
 from ..config import ConfigError
 from ..export import ExportError, load_single_device
 from ..files import StorageError, write_text_atomic
 from ..weights import split_state
-from .inputs import InputPipeline
 
 
 @dataclass
@@ -58,8 +57,7 @@ def start(trainer) -> None:
     trainer.lock = held[0] if held else None
     trainer.run_path = path
     resilience.point_flight_recorder(path)
-    trainer.loaders = Loaders(trainer.data, cfg, layout.dp_rank, layout.dims.dp, layout.column, layout.dims.mp)
-    trainer.inputs = InputPipeline(trainer.data, cfg, layout, trainer.link)
+    trainer.attach_data(trainer.data)
     _restore(trainer, source)
 
 

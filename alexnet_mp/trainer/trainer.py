@@ -17,10 +17,12 @@ from ..files import append_line
 from ..progress import Progress
 from ..schedule import LRSchedule
 from ..weights import build_column, build_reference, dropout_generator
+from ..data import Loaders
 from . import startup
 from ..callbacks import CallbackList
 from .evaluate import evaluate
 from .guard import PendingStep, StepGuard, StepResult
+from .inputs import InputPipeline
 from .metrics import EpochMeter, StepLog, open_tensorboard
 from .optim import build_optimizer, conform_state, set_lr
 
@@ -76,6 +78,13 @@ class Trainer:
         self.pending: deque[PendingStep] = deque()
         self.unreadable: list[str] = []  # images replaced while training (data.bad_images=skip)
         self.data_wait, self.last_tick = 0.0, None
+
+    def attach_data(self, bundle) -> None:
+        """Train and evaluate on `bundle` (data.build_data's): its loaders and the input pipeline."""
+        layout = self.layout
+        self.data = bundle
+        self.loaders = Loaders(bundle, self.cfg, layout.dp_rank, layout.dims.dp, layout.column, layout.dims.mp)
+        self.inputs = InputPipeline(bundle, self.cfg, layout, self.link)
 
     def _build_model(self):
         cfg, d = self.cfg, self.cfg.dist
