@@ -348,3 +348,26 @@ def test_out_of_memory_is_not_blamed_on_a_peer():
     with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
         with resilience.guarded("backward (with the data-parallel gradient all-reduce)"):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+class FullDiskFor(Callback):
+    """Rank 0's writes of `name` meet a full disk (a link to /dev/full, which refuses every write)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def on_fit_start(self, trainer):
+        if trainer.layout.is_main:
+            (trainer.run_path / self.name).symlink_to("/dev/full")
+
+
+@pytest.mark.parametrize("name", ["steps.jsonl", "metrics.jsonl", "summary.json.part"])
+def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path, capfd, name):
+    argv = [*TINY, f"run.out_dir={tmp_path}", "run.name=r", "train.epochs=1", "run.log_every=2"]
+    codes = run_ranks(script_worker, args=(argv, [FullDiskFor(name)]), timeout=120)
+    assert codes == {0: 1, 1: 1}
+    err = capfd.readouterr().err
+    for rank in (0, 1):
+        line = next(x for x in err.splitlines() if x.startswith(f"error (rank {rank})"))
+        assert "no space left" in line and name.split(".part")[0] in line, line
+    assert "peer process has probably died" not in err

@@ -15,6 +15,7 @@ from alexnet_mp.data import batch_checksum
 from alexnet_mp.distributed import setup
 from alexnet_mp.export import export, load_single_device
 from alexnet_mp.model import AlexNetColumn
+from alexnet_mp.rundir import RunLock
 from alexnet_mp.trainer import Callback
 from alexnet_mp.weights import build_column, build_reference, dropout_generator, split_state
 from harness import SMALL_MODEL, free_port, run_ranks
@@ -177,17 +178,36 @@ def test_eval_only_writes_the_same_metric_keys(tmp_path):
     assert 0 <= record["val_tencrop_top1"] <= 1
 
 
-def test_bad_inputs_stop_both_ranks_with_one_line(tmp_path, capfd):
+def folder_state(path: Path) -> dict:
+    """Every file under `path` with its bytes."""
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_bad_inputs_stop_both_ranks_with_one_line_and_leave_the_disk_as_it_was(tmp_path, capfd):
     run = run_script(tmp_path, "train.epochs=1")
+    before = folder_state(run)
     # The same run name again.
     run_script(tmp_path, "train.epochs=1", expect=1)
     assert "already holds a run" in capfd.readouterr().err
-    # A checkpoint from another model.
+    # A checkpoint from another model: refused before anything in the run folder is touched.
     run_script(tmp_path, f"run.resume={run}", "model.fc_width=64", name="x", expect=1)
     assert "another model config" in capfd.readouterr().err
-    # A data folder that is not there.
+    assert folder_state(run) == before
+    # A second writer while the run is live (the lock held here) is refused, naming the holder.
+    with RunLock(run):
+        run_script(tmp_path, f"run.resume={run}", name="x", expect=1)
+    assert f"pid {os.getpid()}" in capfd.readouterr().err
+    assert {k: v for k, v in folder_state(run).items() if k.name != "run.lock"} == \
+        {k: v for k, v in before.items() if k.name != "run.lock"}
+    # Starts that fail (a data folder that is not there, an init file that is not one) leave no folder,
+    # so the same command works once the input is fixed.
     run_script(tmp_path, "data.dataset=folder", f"data.root={tmp_path / 'none'}", name="y", expect=1)
     assert str(tmp_path / "none") in capfd.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    run_script(tmp_path, f"run.init_from={tmp_path / 'junk.pt'}", name="y", expect=1)
+    assert "junk.pt" in capfd.readouterr().err
+    assert not (tmp_path / "y").exists()
+    run_script(tmp_path, "train.max_steps=1", name="y")
 
 
 def test_wrong_number_of_processes_is_refused(monkeypatch, capfd):
@@ -217,3 +237,15 @@ def test_trains_on_an_image_folder_as_the_readme_says(tmp_path):
     assert len(records) == 2 and records[-1]["val_top1"] > 1 / 3  # three plain colours: above chance
     assert json.loads((tmp_path / "f" / "summary.json").read_text())["epochs"] == 2
     assert list((tmp_path / ".cache").glob("data-stats-*")), "the data statistics were not cached"
+
+
+def test_tensorboard_event_files_carry_the_per_step_record(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = run_script(tmp_path, "train.epochs=1", "run.tensorboard=true", "run.log_every=2")
+    (events,) = (run / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == [s["step"] for s in steps] == [2, 4, 6, 8]
+    assert [e.value for e in loss] == pytest.approx([s["loss"] for s in steps], rel=1e-6)

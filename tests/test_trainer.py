@@ -8,12 +8,14 @@ the optimiser's hyper-parameters, the weights. The assertions compare the pair w
 and the reference with an independent recipe written out here (the paper's SGD with the schedule
 computed by hand), so a mistake both share shows too.
 """
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from alexnet_mp import resilience
 from alexnet_mp.config import build_config
 from alexnet_mp.distributed import setup
 from alexnet_mp.model import SharedDropout
@@ -74,11 +76,11 @@ def runs(tmp_path_factory):
     pair = run_ranks(fit_worker, 2, args=(["model.dropout=0.5"], str(out / "pair")), timeout=180)
     single = run_ranks(fit_worker, 1, args=(["model.dropout=0.5", "dist.mp=1"], str(out / "single")), timeout=180)
     plain = run_ranks(fit_worker, 1, args=(["model.dropout=0", "dist.mp=1"], str(out / "plain")), timeout=180)
-    return pair, single[0], plain[0]
+    return pair, single[0], plain[0], out
 
 
 def test_both_columns_and_the_reference_train_on_the_same_inputs(runs):
-    pair, single, _ = runs
+    pair, single, _, _ = runs
     assert len(single["inputs"]) == STEPS
     for step in range(STEPS):
         for rank in (0, 1):
@@ -88,7 +90,7 @@ def test_both_columns_and_the_reference_train_on_the_same_inputs(runs):
 
 
 def test_the_columns_apply_the_slices_of_the_references_dropout_masks(runs):
-    pair, single, _ = runs
+    pair, single, _, _ = runs
     for step in (0, STEPS - 1):
         for name in ("drop6", "drop7"):
             ref_in, ref_out = single["masks"][step][name]
@@ -105,7 +107,7 @@ def test_the_columns_apply_the_slices_of_the_references_dropout_masks(runs):
 
 
 def test_the_pair_ends_with_the_references_weights(runs):
-    pair, single, _ = runs
+    pair, single, _, _ = runs
     cfg = build_config(overrides=BASE).model
     merged = merge_states([pair[0]["weights"], pair[1]["weights"]], cfg)
     for key, value in single["weights"].items():
@@ -113,7 +115,7 @@ def test_the_pair_ends_with_the_references_weights(runs):
 
 
 def test_the_optimiser_uses_the_papers_recipe_at_every_step(runs):
-    _, single, _ = runs
+    _, single, _, _ = runs
     for step, groups in enumerate(single["hyper"]):
         epoch = step // 4
         lr = 0.02 * 0.1 ** epoch  # the scaled milestones: epochs 1 and 2
@@ -128,7 +130,7 @@ def test_the_optimiser_uses_the_papers_recipe_at_every_step(runs):
 
 def test_the_run_equals_the_recipe_written_out_by_hand(runs):
     """The reference trained here with torch's plain SGD on the inputs the run used."""
-    _, _, plain = runs
+    _, _, plain, _ = runs
     cfg = build_config(overrides=[*BASE, "model.dropout=0", "dist.mp=1"])
     model = build_reference(cfg.model, cfg.train.seed)  # the init is checked in test_units
     weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
@@ -215,3 +217,71 @@ def no_host_read_worker(rank, overrides, out_dir):
 @pytest.mark.parametrize("overrides", [[], ["dist.overlap=false", "run.nonfinite=skip"]])
 def test_the_training_step_never_reads_the_device_from_the_host(tmp_path, overrides):
     assert run_ranks(no_host_read_worker, 2, args=(overrides, str(tmp_path)), timeout=120) == {0: 3, 1: 3}
+
+
+def test_the_trainer_runs_without_ten_crop_when_asked(runs):
+    """data.ten_crop=false (BASE): the epoch records carry no ten-crop figures."""
+    records = [json.loads(x) for folder in runs[3].rglob("metrics.jsonl") for x in folder.read_text().splitlines()]
+    assert len(records) >= 9 and not any("val_tencrop_top1" in r for r in records)
+
+
+class Timeouts(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_fit_start(self, trainer):
+        self.seen.append((resilience.current_timeout(), trainer.link.timeout_s, torch.get_num_threads()))
+
+    def on_step_end(self, trainer):
+        self.seen.append((resilience.current_timeout(), trainer.link.timeout_s, torch.get_num_threads()))
+
+
+def timeout_worker(rank, out_dir):
+    cfg = build_config(overrides=[*BASE, f"run.out_dir={out_dir}", "run.name=t", "train.max_steps=2",
+                                  "dist.startup_timeout_s=77", "dist.timeout_s=33", "dist.threads=2"])
+    recorder = Timeouts()
+    Trainer(cfg, setup(cfg.dist), callbacks=[recorder]).fit()
+    return recorder.seen
+
+
+def test_timeouts_are_the_start_up_ones_until_the_first_step(tmp_path):
+    seen = run_ranks(timeout_worker, 2, args=(str(tmp_path),), timeout=120)
+    for rank in (0, 1):
+        assert seen[rank] == [(77.0, 77.0, 2), (33.0, 33.0, 2), (33.0, 33.0, 2)]
+
+
+def test_device_decoding_gives_the_crops_the_loader_workers_give(tmp_path):
+    """data.decode=device: the own rows arrive as JPEG bytes and the input pipeline decodes them on the
+    device (the CPU here): the model gets exactly the inputs the CPU-decoding path gives it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from alexnet_mp.data import Loaders, build_data
+    from alexnet_mp.prepare import prepare
+    from alexnet_mp.trainer.inputs import InputPipeline
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 255, (90, 110, 3), dtype=np.uint8)).save(
+                    tmp_path / "src" / split / c / f"{i}.jpg")
+    prepare(tmp_path / "src", tmp_path / "prep", size=72, workers=1)
+    overrides = [*BASE, "model.num_classes=2", "data.dataset=prepared", f"data.root={tmp_path / 'prep'}",
+                 "train.batch_size=4"]
+    cfg = build_config(overrides=overrides)
+    layout = SimpleNamespace(device=torch.device("cpu"))
+    inputs = {}
+    for decode in ("cpu", "device"):
+        cfg.data.decode = decode  # "device" is refused by validation without a GPU: set it past the check
+        bundle = build_data(cfg)
+        loaders = Loaders(bundle, cfg)
+        batch = next(iter(loaders.train(0)))
+        loaders.close()
+        pipeline = InputPipeline(bundle, cfg, layout, None)
+        assert (pipeline.decoder is not None) == (decode == "device")
+        assert isinstance(batch.images, list) == (decode == "device")
+        inputs[decode] = pipeline(batch)
+    assert torch.equal(inputs["cpu"][0], inputs["device"][0]) and torch.equal(inputs["cpu"][1], inputs["device"][1])

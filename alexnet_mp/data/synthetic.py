@@ -16,8 +16,12 @@ from ..config import Config
 from .common import DataError, rng
 from .sources import Source
 
-SYNTH_VERSION = 2  # bump when the synthetic images change, so fingerprints change with them
+SYNTH_VERSION = 3  # bump when the synthetic images change, so fingerprints change with them
 SYNTH_MEMORY_MAX = 1 << 30  # bytes: larger synthetic splits are rendered on access, not kept
+# The uniform [0, 1) numbers drawn per image, by name and count, in the order they are drawn.
+_DRAWS = (("pose", 4), ("size", 1), ("phase", 2), ("jitter", 5), ("background", 4),
+          ("distractors", 7 * 2), ("occluder", 6))
+_DRAW_COUNT = sum(width for _, width in _DRAWS)
 
 
 # ---------------------------------------------------------------- classes and rendering
@@ -94,10 +98,51 @@ def class_name(colour: str, shape: str, texture: str) -> str:
     return f"{colour}-{shape}" if texture == "solid" else f"{colour}-{shape}-{texture}"
 
 
+def _fields(params: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-image draws by name: (n, width) slices of the params rows, shaped to broadcast over
+    pixels, i.e. (n, width, 1, 1)."""
+    out, at = {}, 0
+    for name, width in _DRAWS:
+        out[name] = params[:, at:at + width, None, None]
+        at += width
+    return out
+
+
+def _rotation(turn: np.ndarray, half_turn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) of any angle without sin/cos: tan(angle / 2) = 2 * turn - 1 covers -90..90
+    degrees, and half_turn >= 0.5 adds 180."""
+    t = 2 * turn - 1
+    sign = np.where(half_turn < 0.5, np.float32(1), np.float32(-1))
+    return sign * (1 - t * t) / (1 + t * t), sign * 2 * t / (1 + t * t)
+
+
+def _shape_masks(shape_ids: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside shape shape_ids[j] at shape coordinates (u[j], v[j]): bool (n, S, S)."""
+    inside = np.zeros(u.shape, bool)
+    for k, fn in enumerate(_SHAPES.values()):
+        sel = shape_ids == k
+        if sel.any():
+            inside[sel] = fn(u[sel], v[sel])
+    return inside
+
+
+def _grey_levels(colour: np.ndarray, offset: float) -> np.ndarray:
+    """[0, 1] colours (n, 3) as grey levels (n, 3, 1, 1), kept where the pixel noise cannot overflow."""
+    return (np.clip(colour, 0.04, 0.96) * 255 + offset)[:, :, None, None].astype(np.float32)
+
+
 class SyntheticRenderer:
-    """Draws image i of a split as a pure function of (seed, split salt, i)."""
+    """Draws image i of a split as a pure function of (seed, split salt, i).
+
+    The class is the largest object: its colour, shape and texture. Everything else varies per
+    image: the object's position, size (0.14 to 0.3 of the side) and rotation (any angle); its
+    colour's brightness, tint and washing out; a blotchy background of random level with faint
+    stripes; DISTRACTORS smaller shapes of any palette colour and shape, behind the object; in
+    half the images a bar of random grey across the object; pixel noise.
+    """
 
     GRID = 4  # background control points per side
+    DISTRACTORS = 2
 
     def __init__(self, num_classes: int, side: int, seed: int, salt: int):
         self.side, self.seed, self.salt = side, seed, salt
@@ -108,6 +153,7 @@ class SyntheticRenderer:
         self.colour = colour = np.array([_COLOURS[c] for c, _, _ in spec], dtype=np.float32)
         # The texture shade: darker for bright colours, lighter for black, so it is always visible.
         self.shade = np.where(colour.max(1, keepdims=True) > 0.5, colour * 0.4, colour + 0.5)
+        self.palette = np.array(list(_COLOURS.values()), dtype=np.float32)
         # Bilinear spread of the background grid: pixel x lies between knots knot[x] and knot[x] + 1.
         pos = np.linspace(0, self.GRID - 1, side, dtype=np.float32)
         knot = np.minimum(pos.astype(np.intp), self.GRID - 2)
@@ -122,69 +168,98 @@ class SyntheticRenderer:
     def render(self, indices: np.ndarray) -> np.ndarray:
         """uint8 (n, 3, side, side) images for the given sample indices."""
         params, grid, noise = self._draws(indices)
-        labels = np.asarray(indices) % self.num_classes
-        inside, shaded = self._masks(params, labels)
+        p, labels = _fields(params), np.asarray(indices) % self.num_classes
         # Values below are in grey levels, offset so that adding noise of 0..20 and truncating to
         # uint8 rounds to the nearest level and never leaves 0..255 (which saves a clip).
         offset = 0.5 - 10
-        # Colour jitter: brightness and a small per-channel shift; kept in [0.04, 0.96] for the noise.
-        bright = (0.8 + 0.3 * params[:, 6])[:, None]
-        shift = (params[:, 7:10] - 0.5) * 0.12
-        fg = (np.clip(self.colour[labels] * bright + shift, 0.04, 0.96) * 255 + offset)[:, :, None, None]
-        dark = (np.clip(self.shade[labels] * bright + shift, 0.04, 0.96) * 255 + offset)[:, :, None, None]
-        bg = self._background(grid, params, offset)
-        img = np.where(inside[:, None], np.where(shaded[:, None], dark, fg), bg)
+        img = self._background(grid, p, offset)
+        for d in range(self.DISTRACTORS):
+            self._distractor(img, p["distractors"][:, 7 * d:7 * d + 7], p["size"], offset)
+        inside, shaded = self._object(p, labels)
+        fg, dark = (_grey_levels(self._jitter(c[labels], p["jitter"][:, :, 0, 0]), offset)
+                    for c in (self.colour, self.shade))
+        img = np.where(inside[:, None], np.where(shaded[:, None], dark, fg), img)
+        img = self._occlude(img, p["occluder"], offset)
         img += noise * np.float32(20 / 255)
         return img.astype(np.uint8)
 
     def _draws(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-image random numbers: 11 scalars, the background grid and the pixel noise."""
+        """Per-image random numbers: the _DRAWS scalars, the background grid and the pixel noise."""
         n, S, g = len(indices), self.side, self.GRID
-        params = np.empty((n, 11), np.float32)
+        params = np.empty((n, _DRAW_COUNT), np.float32)
         grid = np.empty((n, 3, g, g), np.float32)
         noise = np.empty((n, 3, S, S), np.uint8)
         for j, i in enumerate(indices):
             r = rng(self.seed, self.salt, i)
-            params[j] = r.random(11, dtype=np.float32)
+            params[j] = r.random(_DRAW_COUNT, dtype=np.float32)
             grid[j] = r.random((1, g, g), dtype=np.float32) * 0.3 + r.random((3, g, g), dtype=np.float32) * 0.1
             # Raw generator words as bytes: several times cheaper than integers() on this scale.
             noise[j] = r.bit_generator.random_raw(-(-3 * S * S // 8)).view(np.uint8)[:3 * S * S].reshape(3, S, S)
         return params, grid, noise
 
-    def _masks(self, params: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(inside the shape, inside its texture) per pixel, bool (n, S, S)."""
-        n, S = len(labels), self.side
-        p = params.T[:, :, None, None]  # per-image scalars, ready to broadcast over pixels
-        # Pose: centre, radius and a rotation of up to 20 degrees either way, written with
-        # tan(angle / 2) so that no sin/cos is needed.
-        cx, cy = S * (0.4 + 0.2 * p[0]), S * (0.4 + 0.2 * p[1])
-        radius = S * (0.2 + 0.1 * p[2])
-        half = 0.1763 * (2 * p[3] - 1)
-        cos, sin = (1 - half * half) / (1 + half * half), 2 * half / (1 + half * half)
-        dx = self.coords[None, None, :] - cx
-        dy = self.coords[None, :, None] - cy
-        u = (cos * dx + sin * dy) / radius
-        v = (cos * dy - sin * dx) / radius
-        inside = np.zeros((n, S, S), bool)
-        shaded = np.zeros((n, S, S), bool)
-        shapes, textures = self.shape_id[labels], self.texture_id[labels]
-        for k, fn in enumerate(_SHAPES.values()):
-            sel = shapes == k
-            if sel.any():
-                inside[sel] = fn(u[sel], v[sel])
+    def _frame(self, x, y, radius, turn, half_turn) -> tuple[np.ndarray, np.ndarray]:
+        """Every pixel in a shape's coordinates: units of its radius, rotated with it; (n, S, S) each."""
+        cos, sin = _rotation(turn, half_turn)
+        dx = self.coords[None, None, :] - x * self.side
+        dy = self.coords[None, :, None] - y * self.side
+        return (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
+
+    def _radius(self, p: dict) -> np.ndarray:
+        return self.side * (0.14 + 0.16 * p["size"])  # the object's radius, (n, 1, 1, 1)
+
+    def _object(self, p: dict, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(inside the object, inside its texture) per pixel, bool (n, S, S)."""
+        q = p["pose"][:, :, 0]  # (n, 5, 1)
+        u, v = self._frame(0.3 + 0.4 * q[:, 0:1], 0.3 + 0.4 * q[:, 1:2], self._radius(p)[:, 0],
+                           q[:, 2:3], q[:, 3:4])
+        inside = _shape_masks(self.shape_id[labels], u, v)
+        shaded = np.zeros(inside.shape, bool)
+        textures, phase = self.texture_id[labels], p["phase"][:, :, 0]
         for k, fn in enumerate(_TEXTURES.values()):
             sel = textures == k
             if fn is not None and sel.any():
-                shaded[sel] = fn(u[sel] + 0.5 * p[4][sel], v[sel] + 0.5 * p[5][sel])
+                shaded[sel] = fn(u[sel] + 0.5 * phase[sel, 0:1], v[sel] + 0.5 * phase[sel, 1:2])
         return inside, shaded
 
-    def _background(self, grid: np.ndarray, params: np.ndarray, offset: float) -> np.ndarray:
-        """A grey of random level with smooth, low-contrast blotches of colour: float32 (n, 3, S, S).
+    @staticmethod
+    def _jitter(colour: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Brightness 0.7-1.15, a tint of up to 0.1 per channel, washed out towards grey by up to 35%."""
+        lit = colour * (0.7 + 0.45 * j[:, 0:1]) + (j[:, 1:4] - 0.5) * 0.2
+        wash = 0.35 * j[:, 4:5]
+        return lit * (1 - wash) + 0.5 * wash
+
+    def _distractor(self, img: np.ndarray, q: np.ndarray, size: np.ndarray, offset: float) -> None:
+        """Paint one smaller shape (0.35-0.6 of the object's radius) of a random palette colour and
+        shape anywhere in the image, in place."""
+        q = q[:, :, 0]  # (n, 7, 1): x, y, size, turn, half turn, shape, colour
+        radius = self._radius({"size": size})[:, 0] * (0.35 + 0.25 * q[:, 2:3])
+        shapes = np.minimum((q[:, 5, 0] * len(_SHAPES)).astype(np.intp), len(_SHAPES) - 1)
+        colours = np.minimum((q[:, 6, 0] * len(_COLOURS)).astype(np.intp), len(_COLOURS) - 1)
+        u, v = self._frame(0.1 + 0.8 * q[:, 0:1], 0.1 + 0.8 * q[:, 1:2], radius, q[:, 3:4], q[:, 4:5])
+        inside = _shape_masks(shapes, u, v)
+        np.copyto(img, _grey_levels(self.palette[colours] * (0.7 + 0.45 * q[:, 2]), offset), where=inside[:, None])
+
+    def _occlude(self, img: np.ndarray, q: np.ndarray, offset: float) -> np.ndarray:
+        """In half the images, a bar 5-14% of the side wide and of a random grey, through the
+        middle region at any angle."""
+        q = q[:, :, 0]  # (n, 6, 1): present, x, y, angle, width, grey
+        cos, sin = _rotation(q[:, 3:4], np.zeros_like(q[:, 3:4]))  # a bar turned by 180 degrees is the same bar
+        dx = self.coords[None, None, :] - (0.3 + 0.4 * q[:, 1:2]) * self.side
+        dy = self.coords[None, :, None] - (0.3 + 0.4 * q[:, 2:3]) * self.side
+        bar = np.abs(cos * dy - sin * dx) < self.side * (0.025 + 0.045 * q[:, 4:5])
+        bar &= q[:, 0:1] < 0.5
+        grey = (np.clip(0.1 + 0.8 * q[:, 5, 0], 0.04, 0.96) * 255 + offset)[:, None, None, None]
+        return np.where(bar[:, None], grey.astype(np.float32), img)
+
+    def _background(self, grid: np.ndarray, p: dict, offset: float) -> np.ndarray:
+        """A grey of random level with smooth blotches of colour and faint stripes at any angle:
+        float32 (n, 3, S, S) grey levels.
 
         The control grid is spread bilinearly (the weights sum to 1, so the level can go on the grid).
         """
         n, S, g = len(grid), self.side, self.GRID
-        grid = (grid + (0.05 + 0.3 * params[:, 10])[:, None, None, None]) * 255 + offset
+        b = p["background"]  # (n, 4, 1, 1): level, stripe angle, stripe period, stripe contrast
+        grid = (grid + 0.05 + 0.45 * b[:, 0:1]) * 255 + offset
         w = self.frac
         rows = np.empty((n, 3, g, S), np.float32)
         bg = np.empty((n, 3, S, S), np.float32)
@@ -193,7 +268,10 @@ class SyntheticRenderer:
             rows[..., span] = grid[..., a, None] * (1 - w[span]) + grid[..., a + 1, None] * w[span]
         for a, span in enumerate(self.spans):
             bg[:, :, span] = rows[:, :, a, None] * (1 - w[span, None]) + rows[:, :, a + 1, None] * w[span, None]
-        return bg
+        cos, sin = _rotation(b[:, 1], np.zeros_like(b[:, 1]))
+        along = (cos * self.coords[None, None, :] + sin * self.coords[None, :, None]) / (S * (0.08 + 0.12 * b[:, 2]))
+        stripes = (np.abs(along - np.floor(along) - 0.5) - 0.25) * (255 * 0.2 * b[:, 3])  # +-13 levels at most
+        return np.clip(bg + stripes[:, None], 0.04 * 255 + offset, 0.96 * 255 + offset)
 
 
 class SyntheticSource(Source):

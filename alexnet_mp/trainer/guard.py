@@ -1,7 +1,8 @@
 """Every rank's verdict on a step, decided on the device and read by the host one step late.
 
 After backward each rank checks its loss and gradients for NaN/inf and adds whether it was
-asked to stop (SIGTERM/SIGINT); one all-reduce (MIN) gives every rank the same two flags.
+asked to stop (SIGTERM/SIGINT) and whether it failed outside the step (a write of rank 0's
+per-step record); one all-reduce (MIN) gives every rank the same three flags.
 The optimiser skips a non-finite update on the device (`optimizer.found_inf`, as GradScaler
 does), so nothing in the step waits for the host to read a flag. With run.nonfinite=error
 the skip is sticky: once a step is non-finite no later update is applied, and the host
@@ -34,6 +35,7 @@ class StepResult:
     images: int
     finite: bool  # every rank's loss and gradients were finite (else the update was skipped)
     stop: bool  # some rank was asked to stop
+    failed: bool  # some rank failed outside the step and every rank must stop with its error
     loss_sum: float  # loss x images (0 when not finite)
     correct: int
     data_wait_s: float  # host seconds waiting for this step's batch
@@ -50,9 +52,10 @@ class PendingStep:
     def settle(self) -> StepResult:
         if self.event is not None:
             self.event.synchronize()  # this step's copy only, not the queue behind it
-        finite, carry_on, loss_sum, correct = self.values.tolist()
-        return StepResult(finite=finite > 0, stop=carry_on < 1, loss_sum=loss_sum if finite > 0 else 0.0,
-                          correct=int(correct) if finite > 0 else 0, **self.meta)
+        finite, carry_on, healthy, loss_sum, correct = self.values.tolist()
+        return StepResult(finite=finite > 0, stop=carry_on < 1, failed=healthy < 1,
+                          loss_sum=loss_sum if finite > 0 else 0.0, correct=int(correct) if finite > 0 else 0,
+                          **self.meta)
 
 
 class StepGuard:
@@ -62,15 +65,17 @@ class StepGuard:
         self.device, self.sticky, self.group = device, sticky, group
         self.bad = torch.zeros((), dtype=torch.float32, device=device)  # found_inf for the optimiser
         self.on_cuda = device.type == "cuda"
-        self.ring = [torch.empty(4, dtype=torch.float64, pin_memory=True) for _ in range(RING)] if self.on_cuda else []
+        self.ring = [torch.empty(5, dtype=torch.float64, pin_memory=True) for _ in range(RING)] if self.on_cuda else []
         self.turn = 0
 
-    def agree(self, loss: torch.Tensor, params, stop_requested: bool) -> torch.Tensor:
-        """(finite everywhere, nobody stopping) as a float tensor on the device, the same on every rank."""
+    def agree(self, loss: torch.Tensor, params, stop_requested: bool, failed: bool = False) -> torch.Tensor:
+        """(finite everywhere, nobody stopping, nobody failed) as a float tensor on the device, the same on
+        every rank."""
         checks = [torch.isfinite(loss).all(), *(torch.isfinite(p.grad).all() for p in params if p.grad is not None)]
         # torch.full fills on the device; torch.tensor(...) would copy from the host and wait.
-        flags = torch.stack([torch.stack(checks).all(), torch.full((), not stop_requested, device=self.device)]).float()
-        with resilience.guarded("per-step agreement (all-reduce of the finite and stop flags)", self.group):
+        flags = torch.stack([torch.stack(checks).all(), torch.full((), not stop_requested, device=self.device),
+                             torch.full((), not failed, device=self.device)]).float()
+        with resilience.guarded("per-step agreement (all-reduce of the finite, stop and failure flags)", self.group):
             work = dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=self.group, async_op=True)
             if self.on_cuda:
                 work.wait()  # stream-ordered on NCCL: the host goes on; the watchdog enforces the timeout

@@ -31,6 +31,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.SGD:
     return optimizer
 
 
+def lr_factor(cfg: TrainConfig, replicas: int) -> int:
+    """train.lr_scaling: "linear" multiplies the rate by the number of data-parallel replicas."""
+    return replicas if cfg.lr_scaling == "linear" else 1
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -58,7 +58,7 @@ def start(trainer) -> None:
     trainer.run_path = path
     resilience.point_flight_recorder(path)
     trainer.attach_data(trainer.data)
-    _restore(trainer, source)
+    _restore(trainer, source, plan.existing)
 
 
 def _errors() -> tuple:
@@ -98,7 +98,7 @@ def _open_folder(trainer, plan: Plan):
     return lock
 
 
-def _restore(trainer, source: str) -> None:
+def _restore(trainer, source: str, existing: bool) -> None:
     cfg, layout = trainer.cfg, trainer.layout
     data = trainer.data
     trainer.say(f"data: {cfg.data.dataset}, {len(data.train)} training and {len(data.val)} validation images, "
@@ -110,16 +110,17 @@ def _restore(trainer, source: str) -> None:
             trainer.say(f"warning: the data set differs from the one {folder} was trained on; continuing with it")
         payload = checkpoint.load_column(folder, layout.column, trainer.device)
         trainer.load_state_dict(payload, manifest, weights_only=cfg.run.eval_only)
-        if layout.is_main and not cfg.run.eval_only:
-            rundir.truncate_metrics(trainer.run_path, trainer.state.epoch, last_step=trainer.state.step)
+        if not cfg.run.eval_only:
+            trainer.on_main(lambda: rundir.truncate_metrics(trainer.run_path, trainer.state.epoch,
+                                                            last_step=trainer.state.step))
         st = trainer.state
         trainer.say(f"resumed from {folder} (epoch {st.epoch + 1}, batch {st.batch}, step {st.step})")
     elif cfg.run.init_from:
         state, _ = load_single_device(cfg.run.init_from, cfg.model)
         trainer.model.load_state_dict(state if layout.dims.mp == 1 else split_state(state, cfg.model, layout.column))
         trainer.say(f"initialised from {cfg.run.init_from}")
-    elif trainer.run_path is not None and layout.is_main:
-        rundir.truncate_metrics(trainer.run_path, 0, last_step=0)  # a restart before the first checkpoint starts over
+    elif existing and not cfg.run.eval_only:  # a restart before the first checkpoint starts over
+        trainer.on_main(lambda: rundir.truncate_metrics(trainer.run_path, 0, last_step=0))
     if trainer.steps_per_epoch == 0 and not cfg.run.eval_only:
         raise DataError(f"the training set ({len(data.train)} images) is smaller than one global batch "
                         f"({trainer.global_batch}); lower train.batch_size")
@@ -131,9 +132,9 @@ def _report_skipped(trainer) -> None:
     """Files the data scan left out: counted on the console, listed in RUN/skipped_files.txt."""
     data = trainer.data
     skipped = [f"unreadable\t{p}" for p in data.skipped_files] + [f"link\t{p}" for p in data.skipped_links]
-    if skipped and trainer.layout.is_main:
+    if skipped:
         listing = trainer.run_path / "skipped_files.txt"
-        write_text_atomic(listing, "".join(line + "\n" for line in skipped))
+        trainer.on_main(lambda: write_text_atomic(listing, "".join(line + "\n" for line in skipped)))
         trainer.say(f"warning: {len(data.skipped_files)} unreadable images and {len(data.skipped_links)} links "
                     f"out of their class folder were left out; the list is in {listing}")
 
@@ -164,9 +165,9 @@ def evaluate_only(trainer) -> dict:
         tc = trainer.evaluate(ten_crop=True)
         record.update(val_tencrop_top1=tc["top1"], val_tencrop_top5=tc["top5"])
     record["unreadable_images"] = trainer.report_unreadable()
-    if trainer.layout.is_main:
-        rundir.append_metrics(trainer.run_path, record)
-        trainer.say(rundir.write_summary(trainer.run_path, {"run_dir": str(trainer.run_path), **record}))
+    trainer.on_main(lambda: rundir.append_metrics(trainer.run_path, record))
+    trainer.say(trainer.on_main(lambda: rundir.write_summary(trainer.run_path, {"run_dir": str(trainer.run_path),
+                                                                                **record})))
     return record
 
 
@@ -186,6 +187,5 @@ def finish(trainer) -> dict:
         summary.update({k: v for k, v in last.items() if k.startswith("val_")},
                        best_val_top1=max(r["val_top1"] for r in records),
                        seconds=sum(r["seconds"] for r in records), images_per_sec=last["images_per_sec"])
-    if trainer.layout.is_main:
-        trainer.say(rundir.write_summary(run_path, summary))
+    trainer.say(trainer.on_main(lambda: rundir.write_summary(run_path, summary)))
     return summary

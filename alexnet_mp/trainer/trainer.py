@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import checkpoint, resilience, rundir
-from ..distributed import configure_backends, sum_over_replicas
-from ..files import append_line
+from ..distributed import RunFailed, configure_backends, decided_by_main, sum_over_replicas
+from ..files import StorageError, append_line
 from ..progress import Progress
 from ..schedule import LRSchedule
 from ..weights import build_column, build_reference, dropout_generator
@@ -24,7 +24,7 @@ from .evaluate import evaluate
 from .guard import PendingStep, StepGuard, StepResult
 from .inputs import InputPipeline
 from .metrics import EpochMeter, StepLog, open_tensorboard
-from .optim import build_optimizer, conform_state, set_lr
+from .optim import build_optimizer, conform_state, lr_factor, set_lr
 
 
 class NonFiniteError(RuntimeError):
@@ -71,12 +71,13 @@ class Trainer:
         self.state = TrainState()
         self.progress = Progress(layout.is_main and cfg.run.progress, cfg.run.log_every)
         self.say = print if layout.is_main else _quiet
-        self.lr_factor = layout.dims.dp if cfg.train.lr_scaling == "linear" else 1
+        self.lr_factor = lr_factor(cfg.train, layout.dims.dp)
         self.global_batch = cfg.train.batch_size * layout.dims.dp
         self.data = self.loaders = self.inputs = self.run_path = self.lock = None
         self.steplog, self.meter, self.stopping, self.fast = None, None, False, False
         self.pending: deque[PendingStep] = deque()
         self.unreadable: list[str] = []  # images replaced while training (data.bad_images=skip)
+        self.failure: str | None = None  # this rank's error outside the step, told to every rank
         self.data_wait, self.last_tick = 0.0, None
 
     def attach_data(self, bundle) -> None:
@@ -106,7 +107,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._backward_guard():
             loss.backward()
-        flags = self.guard.agree(loss, self.model.parameters(), bool(resilience.stop_requested()))
+        flags = self.guard.agree(loss, self.model.parameters(), bool(resilience.stop_requested()),
+                                 failed=self.failure is not None)
         self.optimizer.found_inf = self.guard.skip_flag(flags)  # the update is skipped on the device
         self.optimizer.step()
         correct = (logits.argmax(1) == labels).sum()
@@ -142,6 +144,8 @@ class Trainer:
             self._settled(self.pending.popleft().settle())
 
     def _settled(self, result: StepResult) -> None:
+        if result.failed:
+            self._fail_together()
         if not result.finite:
             where = f"step {result.step} (epoch {result.epoch + 1}, batch {result.batch})"
             if self.cfg.run.nonfinite == "error":
@@ -239,9 +243,8 @@ class Trainer:
         st = self.state
         st.epoch, st.batch, self.meter = epoch + 1, 0, None
         st.best_top1 = val["top1"] if st.best_top1 is None else max(st.best_top1, val["top1"])
-        if self.layout.is_main:  # before the checkpoint: a resume from an older one truncates it away
-            rundir.append_metrics(self.run_path, record)
-            rundir.plot(self.run_path)
+        # Before the checkpoint: a resume from an older one truncates it away.
+        self.on_main(lambda: (rundir.append_metrics(self.run_path, record), rundir.plot(self.run_path)))
         self.save_checkpoint("epoch", best_metric=val["top1"])
         self.say(f"epoch {epoch + 1}: train loss {record['train_loss']:.3f} top-1 {record['train_top1']:.3f} | "
                  f"val loss {val['loss']:.3f} top-1 {val['top1']:.3f} top-5 {val['top5']:.3f} | "
@@ -254,8 +257,9 @@ class Trainer:
         torch.distributed.all_gather_object(found, self.unreadable)
         self.unreadable = []
         late = sorted({p for paths in found for p in paths})
-        if late and self.layout.is_main:
-            append_line(self.run_path / "skipped_files.txt", "".join(f"unreadable\t{p}\n" for p in late))
+        if late:
+            self.on_main(lambda: append_line(self.run_path / "skipped_files.txt",
+                                             "".join(f"unreadable\t{p}\n" for p in late)))
             self.say(f"warning: {len(late)} unreadable images were replaced by others of their class this epoch; "
                      f"listed in {self.run_path / 'skipped_files.txt'}")
         return len(late)
@@ -293,8 +297,22 @@ class Trainer:
         return self.stopping or bool(self.cfg.train.max_steps and self.state.step >= self.cfg.train.max_steps)
 
     def _write_steps(self, records: list) -> None:
-        if self.layout.is_main:
-            rundir.append_steps(self.run_path, records)
+        """Rank 0's per-step record; a failed write stops every rank at the next agreement, with its reason."""
+        if self.layout.is_main and self.failure is None:
+            try:
+                rundir.append_steps(self.run_path, records)
+            except StorageError as e:
+                self.failure = str(e)
+
+    def _fail_together(self) -> None:
+        """Some rank failed outside the step: every rank raises that rank's error."""
+        errors = [None] * self.layout.dims.world_size
+        torch.distributed.all_gather_object(errors, self.failure)
+        raise RunFailed(next(e for e in errors if e is not None))
+
+    def on_main(self, fn):
+        """fn() on rank 0 (its writes); a failure there stops every rank with the same one-line reason."""
+        return decided_by_main(self.layout, fn, (StorageError,))
 
     def close(self) -> None:
         """Stop the loader workers and release the run folder."""
@@ -347,16 +365,25 @@ class Trainer:
             st.partial = self._replica_sums(self.meter.sums())
         payload, manifest = self.state_dict()
         st.partial = None
+        error = None
         if layout.dp_rank == 0:  # one copy of each column, from the first replica
-            checkpoint.save(self.run_path / "checkpoints", st.step, layout.column, payload, manifest,
-                            self.cfg.run.keep_checkpoints, layout.mp_group, kind=kind, best_metric=best_metric)
+            try:
+                checkpoint.save(self.run_path / "checkpoints", st.step, layout.column, payload, manifest,
+                                self.cfg.run.keep_checkpoints, layout.mp_group, kind=kind, best_metric=best_metric)
+            except (checkpoint.CheckpointError, StorageError) as e:
+                error = e
         if layout.dims.dp > 1:
-            # The other replicas wait for the write here, under the patient start-up timeout,
+            # The other replicas learn the outcome here, under the patient start-up timeout,
             # rather than in the next gradient all-reduce under the short one.
             self.set_timeouts(self.cfg.dist.startup_timeout_s)
+            outcomes = [None] * layout.dims.world_size
             with resilience.guarded("wait for the first replica's checkpoint"):
-                torch.distributed.barrier()
+                torch.distributed.all_gather_object(outcomes, None if error is None else str(error))
             self.set_timeouts(self.cfg.dist.timeout_s)
+            if error is None and any(outcomes):
+                raise RunFailed(next(o for o in outcomes if o))
+        if error is not None:
+            raise error
 
     def _replica_sums(self, sums: dict) -> dict:
         """The epoch so far over every replica: a resume, with any number of replicas, carries it on the first."""
