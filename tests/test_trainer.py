@@ -285,3 +285,41 @@ def test_device_decoding_gives_the_crops_the_loader_workers_give(tmp_path):
         assert isinstance(batch.images, list) == (decode == "device")
         inputs[decode] = pipeline(batch)
     assert torch.equal(inputs["cpu"][0], inputs["device"][0]) and torch.equal(inputs["cpu"][1], inputs["device"][1])
+
+
+def round_trip_worker(rank, out_dir):
+    from pathlib import Path
+
+    from alexnet_mp import checkpoint
+    from alexnet_mp.data import build_data
+    cfg = build_config(overrides=[*BASE, "dist.mp=1", "train.schedule=plateau", "train.plateau_patience=1",
+                                  "run.nonfinite=skip"])
+    layout = setup(cfg.dist)
+    first = Trainer(cfg, layout)
+    first.attach_data(build_data(cfg))
+    first.run_path = Path(out_dir)
+    batches = iter(first.loaders.train(0))
+    for _ in range(3):
+        first.pending.append(first.train_step(next(batches)))
+    first.settle()
+    for loss in (1.0, 2.0, 3.0):  # two epochs without improvement: the plateau schedule drops twice
+        first.schedule.observe(loss)
+    first.state.skipped, first.state.best_top1, first.state.epoch = 1, 0.25, 2
+    first.save_checkpoint("epoch", best_metric=0.25)
+    folder, manifest = checkpoint.resolve(out_dir)
+    second = Trainer(cfg, layout)
+    second.attach_data(first.data)
+    second.load_state_dict(checkpoint.load_column(folder, 0), manifest)
+    return {name: (t.model.state_dict(), t.optimizer.state_dict()["state"], t.schedule.state_dict(),
+                   vars(t.state)) for name, t in (("first", first), ("second", second))}
+
+
+def test_the_whole_trainer_state_round_trips_through_a_checkpoint(tmp_path):
+    out = run_ranks(round_trip_worker, 1, args=(str(tmp_path),), timeout=120)[0]
+    (weights, momenta, schedule, state), (weights2, momenta2, schedule2, state2) = out["first"], out["second"]
+    assert all(torch.equal(weights[k], weights2[k]) for k in weights)
+    assert momenta.keys() == momenta2.keys() and len(momenta) == 16
+    assert all(torch.equal(momenta[i]["momentum_buffer"], momenta2[i]["momentum_buffer"]) for i in momenta)
+    assert any(momenta[i]["momentum_buffer"].abs().sum() > 0 for i in momenta)  # the steps did fill them
+    assert schedule == schedule2 and schedule["drops"] == 2
+    assert state == state2 and state["step"] == 3 and state["skipped"] == 1 and state["best_top1"] == 0.25

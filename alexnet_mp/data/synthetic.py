@@ -142,7 +142,7 @@ class SyntheticRenderer:
     """
 
     GRID = 4  # background control points per side
-    DISTRACTORS = 2
+    DISTRACTORS = int(__import__('os').environ.get('SYN_DIST', 2))  # TEMP
 
     def __init__(self, num_classes: int, side: int, seed: int, salt: int):
         self.side, self.seed, self.salt = side, seed, salt
@@ -205,13 +205,13 @@ class SyntheticRenderer:
         return (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
 
     def _radius(self, p: dict) -> np.ndarray:
-        return self.side * (0.14 + 0.16 * p["size"])  # the object's radius, (n, 1, 1, 1)
+        return self.side * (float(__import__("os").environ.get("SYN_RLO", 0.14)) + float(__import__("os").environ.get("SYN_RSPAN", 0.16)) * p["size"])  # the object's radius, (n, 1, 1, 1)
 
     def _object(self, p: dict, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inside the object, inside its texture) per pixel, bool (n, S, S)."""
         q = p["pose"][:, :, 0]  # (n, 5, 1)
         u, v = self._frame(0.3 + 0.4 * q[:, 0:1], 0.3 + 0.4 * q[:, 1:2], self._radius(p)[:, 0],
-                           q[:, 2:3], q[:, 3:4])
+                           0.5 + (q[:, 2:3] - 0.5) * float(__import__('os').environ.get('SYN_ROT', 1)), q[:, 3:4] * float(__import__('os').environ.get('SYN_HALF', 1)))
         inside = _shape_masks(self.shape_id[labels], u, v)
         shaded = np.zeros(inside.shape, bool)
         textures, phase = self.texture_id[labels], p["phase"][:, :, 0]
@@ -232,7 +232,7 @@ class SyntheticRenderer:
         """Paint one smaller shape (0.35-0.6 of the object's radius) of a random palette colour and
         shape anywhere in the image, in place."""
         q = q[:, :, 0]  # (n, 7, 1): x, y, size, turn, half turn, shape, colour
-        radius = self._radius({"size": size})[:, 0] * (0.35 + 0.25 * q[:, 2:3])
+        radius = self._radius({"size": size})[:, 0] * (float(__import__('os').environ.get('SYN_DLO', 0.35)) + float(__import__('os').environ.get('SYN_DSPAN', 0.25)) * q[:, 2:3])
         shapes = np.minimum((q[:, 5, 0] * len(_SHAPES)).astype(np.intp), len(_SHAPES) - 1)
         colours = np.minimum((q[:, 6, 0] * len(_COLOURS)).astype(np.intp), len(_COLOURS) - 1)
         u, v = self._frame(0.1 + 0.8 * q[:, 0:1], 0.1 + 0.8 * q[:, 1:2], radius, q[:, 3:4], q[:, 4:5])
@@ -247,7 +247,7 @@ class SyntheticRenderer:
         dx = self.coords[None, None, :] - (0.3 + 0.4 * q[:, 1:2]) * self.side
         dy = self.coords[None, :, None] - (0.3 + 0.4 * q[:, 2:3]) * self.side
         bar = np.abs(cos * dy - sin * dx) < self.side * (0.025 + 0.045 * q[:, 4:5])
-        bar &= q[:, 0:1] < 0.5
+        bar &= q[:, 0:1] < float(__import__('os').environ.get('SYN_OCC', 0.5))
         grey = (np.clip(0.1 + 0.8 * q[:, 5, 0], 0.04, 0.96) * 255 + offset)[:, None, None, None]
         return np.where(bar[:, None], grey.astype(np.float32), img)
 

@@ -196,6 +196,7 @@ class Trainer:
         self.net.train()
         self.meter, st.partial = EpochMeter(st.partial), None
         title = f"epoch {epoch + 1}/{self.cfg.train.epochs}"
+        self.last_tick = time.perf_counter()  # step times start here, not at the last evaluation's end
         with self.progress.task(title, self.steps_per_epoch, st.batch) as task:
             for batch in self._batches(self.loaders.train(epoch, st.batch)):
                 self.callbacks.on_step_begin(self, batch)
@@ -227,11 +228,11 @@ class Trainer:
         return stop or self.stopping
 
     def _end_epoch(self, epoch: int) -> None:
+        seconds = self.meter.elapsed()  # training only: evaluation is not in the epoch's images/s
         val = self.evaluate()
         self.schedule.observe(val["loss"])
         loss_sum, correct, seen = sum_over_replicas([self.meter.loss, self.meter.correct, self.meter.seen],
                                                     self.layout)
-        seconds = self.meter.elapsed()
         record = {"epoch": epoch + 1, "step": self.state.step, "train_loss": loss_sum / max(seen, 1),
                   "train_top1": correct / max(seen, 1), "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "lr": self.lr_for(epoch), "images_per_sec": seen / max(seconds, 1e-9),

@@ -1,0 +1,165 @@
+"""Stop signals: every rank stops after the same step, repeats change nothing, the launcher a scheduler
+signals exits 0, and a stopped run leaves no thread or process behind.
+
+The in-process runs use the package's spawner; the launcher runs as a real subprocess
+(launch/preemptible.py) with tests/signal_driver.py sending the signals from inside the run.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from alexnet_mp import checkpoint, resilience
+from alexnet_mp.trainer import Callback
+from harness import run_ranks
+from test_train import TINY, script_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+ONE_EPOCH = [*TINY, "train.epochs=1"]
+
+
+class SignalSelf(Callback):
+    """Sends this process `signals` at the end of step `step`, as a scheduler would; records where it stopped."""
+
+    def __init__(self, step: int, signals):
+        self.step, self.signals, self.stopped_at, self.flag = step, signals, None, None
+
+    def on_step_end(self, trainer):
+        if trainer.state.step == self.step:
+            for sig in self.signals:
+                os.kill(os.getpid(), sig)  # the handler runs before the next step begins
+
+    def on_fit_end(self, trainer, error):
+        self.stopped_at, self.flag = trainer.state.step, resilience.stop_requested()
+
+
+def signalled_worker(rank, argv, signals_by_rank):
+    recorder = SignalSelf(2, signals_by_rank.get(rank, ()))
+    code = script_worker(rank, argv, [recorder])
+    return code, recorder.stopped_at, recorder.flag
+
+
+def stopped_run(tmp_path, signals_by_rank):
+    argv = [*ONE_EPOCH, f"run.out_dir={tmp_path}", "run.name=stop"]
+    results = run_ranks(signalled_worker, args=(argv, signals_by_rank), timeout=180)
+    folder, manifest = checkpoint.latest_good(tmp_path / "stop" / "checkpoints")
+    return results, manifest["trainer"]["step"]
+
+
+# ---------------------------------------------------------------- the training processes
+
+
+def test_a_stop_request_in_one_rank_stops_every_rank_after_the_same_step(tmp_path, capfd):
+    results, saved = stopped_run(tmp_path, {1: (signal.SIGTERM,)})  # only rank 1 is told
+    (code0, step0, flag0), (code1, step1, flag1) = results[0], results[1]
+    assert code0 == code1 == 0
+    assert flag0 == "" and flag1 == "SIGTERM"
+    assert step0 == step1 == saved  # the same step everywhere, and that step is checkpointed
+    assert 2 < saved < 8  # after the signal, before the end of the epoch
+    assert f"stopped after step {saved} on a stop signal" in capfd.readouterr().out
+
+
+def test_repeated_stop_signals_change_nothing(tmp_path):
+    once, saved_once = stopped_run(tmp_path / "once", {0: (signal.SIGTERM,)})
+    repeated, saved_repeated = stopped_run(tmp_path / "repeated",
+                                           {0: (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)})
+    assert saved_repeated == saved_once
+    assert repeated == once  # same exit codes, same stopping step, the first signal's name
+
+
+def test_the_stop_flag_is_set_from_the_start_in_a_process_started_after_the_launcher_stopped(monkeypatch):
+    monkeypatch.setenv(resilience.STOP_ENV, "SIGTERM")
+    with resilience.catch_stop_signals():
+        assert resilience.stop_requested() == "SIGTERM"
+    monkeypatch.delenv(resilience.STOP_ENV)
+    with resilience.catch_stop_signals():
+        assert resilience.stop_requested() == ""
+
+
+# ---------------------------------------------------------------- the launcher
+
+CHILD = ("import signal, sys, time\n"
+         "got = []\n"
+         "signal.signal(signal.SIGTERM, lambda s, f: got.append(s))\n"
+         "signal.signal(signal.SIGINT, lambda s, f: got.append(s))\n"
+         "print('ready', flush=True)\n"
+         "deadline = time.monotonic() + 30\n"
+         "while len(got) < 2 and time.monotonic() < deadline:\n"
+         "    time.sleep(0.01)\n"
+         "print(*got, flush=True)\n")
+
+
+def test_the_launcher_passes_stop_signals_to_its_children_and_survives_them():
+    with resilience.forward_stop_signals():
+        # A session of its own, as torchrun starts each training process.
+        child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        try:
+            assert child.stdout.readline().strip() == "ready"
+            assert resilience.worker_pids() == [child.pid]
+            os.kill(os.getpid(), signal.SIGTERM)  # this process would end here without the forwarding
+            os.kill(os.getpid(), signal.SIGINT)
+            out, _ = child.communicate(timeout=60)
+        finally:
+            child.kill()
+    assert out.split() == [str(int(signal.SIGTERM)), str(int(signal.SIGINT))]
+
+
+def test_a_stop_signal_before_any_training_process_stops_the_launcher_as_torchrun_would():
+    from torch.distributed.elastic.multiprocessing import SignalException
+
+    with resilience.forward_stop_signals():
+        with pytest.raises(SignalException) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun is stopping already: a repeat changes nothing
+    assert stopped.value.sigval == signal.SIGTERM
+
+
+def processes_tagged(tag: str) -> list[int]:
+    """Live processes whose environment carries `tag` (children, grandchildren, orphans)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and tag.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A launcher told to stop twice (SIGTERM, then SIGINT) after step 3 of a run with a loader worker."""
+    out = tmp_path_factory.mktemp("preempted")
+    tag = f"ALEXNET_MP_TEST_TAG={uuid.uuid4().hex}"
+    key, value = tag.split("=")
+    cmd = [sys.executable, str(ROOT / "launch" / "preemptible.py"), "--standalone", "--nproc_per_node=2",
+           str(ROOT / "tests" / "signal_driver.py"), "3", "SIGTERM,SIGINT",
+           *TINY, "data.num_workers=1", f"run.out_dir={out}", "run.name=pre"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", key: value})
+    return proc, out / "pre", processes_tagged(value)
+
+
+def test_a_launcher_told_to_stop_exits_0_after_its_workers_checkpoint(preempted):
+    proc, run, _ = preempted
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "Traceback" not in log and "SignalException" not in log and "error" not in log.lower()
+    folder, manifest = checkpoint.latest_good(run / "checkpoints")
+    assert f"stopped after step {manifest['trainer']['step']} on a stop signal" in log
+    assert 3 < manifest["trainer"]["step"] < 8
+
+
+def test_a_stopped_run_leaves_no_thread_or_process_behind(preempted):
+    proc, _, left = preempted
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: non-daemon threads at exit: []" in proc.stdout
+    assert left == []  # training processes, loader workers: all gone when the launcher returns
