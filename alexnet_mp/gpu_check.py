@@ -35,13 +35,16 @@ def _parser() -> argparse.ArgumentParser:
 def _environment_line(env: dict) -> CheckResult:
     v, gpus = env["versions"], env["gpus"]
     names = sorted({g["name"] for g in gpus})
-    return CheckResult("environment", "INFO", f"{len(gpus)} x {', '.join(names) or 'no GPU'}, driver {env['driver']}, "
-                                              f"torch {v['torch']}, CUDA {v['cuda']}, cuDNN {v['cudnn']}, NCCL {v['nccl']}")
+    return CheckResult("environment", "INFO",
+                       f"{len(gpus)} x {', '.join(names) or 'no GPU'}, driver {env['driver']}, torch {v['torch']}, "
+                       f"CUDA {v['cuda']}, cuDNN {v['cudnn']}, NCCL {v['nccl']}")
 
 
 def _no_cuda() -> CheckResult:
-    built = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU or driver is usable"
-    return CheckResult("cuda", "INFO", f"CUDA is not available here (torch {torch.__version__}, {built}); nothing to check")
+    built = ("built without CUDA" if torch.version.cuda is None
+             else f"built for CUDA {torch.version.cuda}, but no GPU or driver is usable")
+    return CheckResult("cuda", "INFO", f"CUDA is not available here (torch {torch.__version__}, {built}); "
+                                       f"nothing to check")
 
 
 def _select(checks: list, only: str) -> list:

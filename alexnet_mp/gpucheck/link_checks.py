@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from ..data import build_data
 from ..distributed import configure_backends, setup
 from ..trainer import Trainer
-from ..data import build_data
 from ..weights import build_column, dropout_generator
 from .compare import compare, cpu_state, describe, within
 from .configs import config, fixed_batch, one_pass
@@ -32,17 +32,42 @@ VARIANTS = {"fp32 NCHW": ("off", False), "fp32 NHWC": ("off", True),
 TOLERANCE = {"off": 1e-5, "bf16": 1e-2}
 STEP_TOLERANCE = 1e-3  # weights after a few steps, kernels free to differ in their summation order
 SLEEP_CYCLES = 500_000_000  # device clock cycles the probe keeps the GPU busy (a quarter second at 2 GHz)
+PROBE_S = 30.0  # seconds a first small exchange may take before the check calls NCCL's self-loop hung
 
 
-def _loop_layout(overrides):
-    cfg = config(*overrides, "dist.mp=1")  # the process group: one rank (two for the mirrored pair)
+def loop_layout(overrides: list):
+    """(config, a layout whose column is its own peer): joins the process group of torchrun's
+    environment, one rank (two for the mirrored pair); on a GPU one small exchange must come back first."""
+    cfg = config(*overrides, "dist.mp=1")
     check_symmetric(cfg)
-    return cfg, column_zero_layout(setup(cfg.dist))
+    layout = column_zero_layout(setup(cfg.dist))
+    if layout.device.type == "cuda":
+        probe_self_loop(layout)
+    return cfg, layout
+
+
+def probe_self_loop(layout, seconds: float = PROBE_S) -> None:
+    """One small exchange through the real link, awaited with a deadline: a self-loop NCCL does not
+    complete fails here in one line, instead of hanging the check until its budget runs out."""
+    x = torch.arange(1024, dtype=torch.float32, device=layout.device)
+    got = layout.link(seconds).exchange(x, x.shape, x, "probe", "forward")
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + seconds
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"NCCL did not complete a send from this rank to itself within {seconds:.0f} s")
+        time.sleep(0.01)
+    if not torch.equal(got, x):
+        raise RuntimeError("NCCL's send from this rank to itself delivered other bytes than were sent")
 
 
 def link_values_worker(rank: int, overrides: list) -> dict:
+    return link_values(*loop_layout(overrides))
+
+
+def link_values(cfg, layout) -> dict:
     """Column 0 over the real link and over the loopback, every variant: their comparison."""
-    cfg, layout = _loop_layout(overrides)
     configure_backends(deterministic=True, tf32=False)
     torch.use_deterministic_algorithms(True, warn_only=True)  # the values are the question here, not the kernels
     images, labels = fixed_batch(cfg, layout.device)
@@ -68,14 +93,14 @@ def link_values_verdict(variants: dict) -> dict:
         name, worst = next(iter(bad.items()))
         return verdict(False, f"{len(bad)} of {len(variants)} variants differ from the in-process copy; {name}: "
                               f"{describe(worst)} (tolerance {worst['tolerance']:g})", variants=figures)
+    how = "bit for bit" if exact == len(variants) else f"{exact} bit for bit, the rest within their rounding tolerance"
     return verdict(True, f"the real link equals the in-process copy in all {len(variants)} variants (fp32/bf16, "
-                         f"NCHW/NHWC, overlap off/on): {exact} bit for bit, the rest within bf16/fp32 rounding",
-                   variants=figures)
+                         f"NCHW/NHWC, overlap off/on): {how}", variants=figures)
 
 
 def host_async_worker(rank: int, overrides: list) -> dict:
     """One exchange posted and waited on while the GPU sleeps: how long the host was held."""
-    cfg, layout = _loop_layout(overrides)
+    cfg, layout = loop_layout(overrides)
     if layout.device.type != "cuda":
         raise RuntimeError("the host-wait probe needs a GPU: on a CPU every exchange holds the host by design")
     link = layout.link(cfg.dist.timeout_s)
@@ -104,9 +129,13 @@ def host_async_verdict(r: dict) -> dict:
 
 
 def step_worker(rank: int, overrides: list, variants: dict, steps: int, watch_from: int) -> dict:
+    _, layout = loop_layout(overrides)  # one process group for every variant
+    return steps_against_copy(layout, overrides, variants, steps, watch_from)
+
+
+def steps_against_copy(layout, overrides: list, variants: dict, steps: int, watch_from: int) -> dict:
     """For each variant (config overrides): the training step over the real link, watched for host
-    syncs, and over the loopback; {variant: {"wire": ..., "copy": ...}}."""
-    _, layout = _loop_layout(overrides)  # one process group for every variant
+    syncs from step `watch_from` on, and over the loopback; {variant: {"wire": ..., "copy": ...}}."""
     out = {}
     for name, extra in variants.items():
         cfg = config(*overrides, *extra, "dist.mp=1")

@@ -78,7 +78,7 @@ def loader_worker(rank: int, folder: str, train: int, batch: int, workers: int, 
     root = Path(folder)
     write_jpeg_folder(root / "src", train, val=8)
     prepare(root / "src", root / "prepared", size=SIDE, workers=max(1, workers))
-    out = {"workers": workers, "batch": batch, "cores": os.cpu_count()}
+    out = {"workers": workers, "batch": batch, "cores": os.cpu_count(), "device": device}
     firsts = {}
     for decode in ("cpu", "device"):
         cfg = loader_config(root / "prepared", decode, batch, workers)
@@ -95,7 +95,8 @@ def loader_worker(rank: int, folder: str, train: int, batch: int, workers: int, 
 
 def loader_verdict(r: dict) -> dict:
     ok = r["mean_grey_diff"] <= MAX_MEAN_GREY_DIFF
-    return verdict(ok, f"prepared JPEGs, batch {r['batch']}, {r['workers']} workers: CPU decode "
-                       f"{r['cpu_images_per_s']:.0f} img/s, nvJPEG {r['device_images_per_s']:.0f} img/s; nvJPEG's "
-                       f"crops differ from the CPU's by {r['mean_grey_diff']:.2f} grey levels on average "
+    name = "nvJPEG" if r["device"].startswith("cuda") else f"decode on {r['device']}"
+    return verdict(ok, f"prepared JPEGs, batch {r['batch']}, {r['workers']} workers: CPU decode in the workers "
+                       f"{r['cpu_images_per_s']:.0f} img/s, {name} {r['device_images_per_s']:.0f} img/s; its "
+                       f"crops differ from the workers' by {r['mean_grey_diff']:.2f} grey levels on average "
                        f"(max {r['max_grey_diff']:.0f}; bound {MAX_MEAN_GREY_DIFF:g})", **r)

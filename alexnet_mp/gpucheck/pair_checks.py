@@ -6,7 +6,9 @@
   equal to the analytic count;
 * resume: HALF steps, a checkpoint and a resume equal FULL straight steps, bit for bit;
 * scaling: images per second of the pair against one GPU and against DDP on two, at the same
-  global batch.
+  global batch (bf16, channels_last).
+
+Each takes its configuration as an argument, so the tests run the same logic on CPUs.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .configs import PAPER, config
 from .report import outcome, verdict
 from .resume_checks import BASE as RESUME_BASE, resume_runs, same_device_verdict
 from .runs import run_spec, runs_worker
-from .timing import throughput_worker
+from .timing import STEPS as TIMED_STEPS, WARMUP, throughput_worker
 from ..weights import merge_states
 
 STEPS = 4
@@ -38,47 +40,51 @@ def _merged(per_rank: dict, name: str, cfg_model) -> dict:
     return run
 
 
-def check_pair_reference(budget) -> dict:
-    model = config(*PAIR_BASE).model
+def check_pair_reference(budget, base: tuple = tuple(PAIR_BASE)) -> dict:
+    model = config(*base).model
     with tempfile.TemporaryDirectory(prefix="gpu-check-pair-") as tmp:
-        pair = budget.spawn(runs_worker, 2, ([*PAIR_BASE, "dist.mp=2"], [run_spec("pair", f"train.max_steps={STEPS}")],
+        pair = budget.spawn(runs_worker, 2, ([*base, "dist.mp=2"], [run_spec("pair", f"train.max_steps={STEPS}")],
                                              tmp))
-        ref = budget.spawn(runs_worker, 1, ([*PAIR_BASE, "dist.mp=1"], [
+        ref = budget.spawn(runs_worker, 1, ([*base, "dist.mp=1"], [
             run_spec("reference", f"train.max_steps={STEPS}"), run_spec("reference-1", "train.max_steps=1")], tmp))[0]
     same = compare(_merged(pair, "pair", model)["weights"], ref["reference"]["weights"])
     moved = compare(ref["reference-1"]["weights"], ref["reference"]["weights"])
     ok = same["max_rel_diff"] <= min(TOLERANCE, SHARE * moved["max_rel_diff"])
-    return verdict(ok, f"the pair on 2 GPUs after {STEPS} steps equals the reference on one {describe(same)} "
+    return verdict(ok, f"the pair (two processes) after {STEPS} steps equals the reference (one) {describe(same)} "
                        f"(steps 2-{STEPS} move the weights by {moved['max_rel_diff']:.1e}; TF32 off)",
                    max_rel_diff=same["max_rel_diff"], moved=moved["max_rel_diff"])
 
 
-def check_pair_profiled(budget) -> dict:
+def check_pair_profiled(budget, base: tuple = tuple(PROFILED)) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-check-profiled-") as tmp:
-        runs = budget.spawn(runs_worker, 2, (PROFILED, [run_spec("profiled")], tmp))
-    profile = runs[0]["profiled"]["profile"]
+        runs = budget.spawn(runs_worker, 2, (list(base), [run_spec("profiled")], tmp))
+    return profiled_verdict(runs[0]["profiled"]["profile"])
+
+
+def profiled_verdict(profile: dict | None) -> dict:
+    """The profiler's report of the pair: steps measured, every exchange's bytes as counted, NVML."""
     if profile is None:
         return verdict(False, "the profiled run wrote no profile.json")
     ranks = profile["ranks"]
-    mismatches = sum(r["byte_mismatches"] for r in ranks)
+    mismatches = sum(len(r["byte_mismatches"]) for r in ranks)  # the mismatching steps each rank kept
+    checked = min(r["bytes_checked_steps"] for r in ranks)
     rate = min(r["images_per_s"] for r in ranks)
     waits = {k: round(v["wait"]["share"], 3) for k, v in ranks[0]["crossings"].items()}
     nvml = all((r.get("nvml") or {}).get("available") for r in ranks)
-    return verdict(mismatches == 0 and profile["steps"]["measured"] > 0,
-                   f"bf16 channels_last pair profiled over {profile['steps']['measured']} steps: {rate:.0f} img/s, "
-                   f"{mismatches} byte mismatches against the analytic count, NVML sampled on both GPUs: {nvml}; "
-                   f"rank 0's exchange waits as shares of the step: {waits}",
+    return verdict(mismatches == 0 and checked > 0 and profile["steps"]["measured"] > 0,
+                   f"the pair profiled over {profile['steps']['measured']} steps: {rate:.0f} img/s, bytes of "
+                   f"{checked} steps checked against the analytic count with {mismatches} mismatches, NVML sampled "
+                   f"on every rank: {nvml}; rank 0's exchange waits as shares of the step: {waits}",
                    images_per_s=rate, byte_mismatches=mismatches, crossing_wait_shares=waits, nvml=nvml,
                    step_median_s=ranks[0]["step"]["median_s"])
 
 
-def check_pair_resume(budget) -> dict:
-    model = config(*RESUME_BASE).model
+def check_pair_resume(budget, base: tuple = (*RESUME_BASE, "dist.device=cuda")) -> dict:
+    model = config(*base).model
     with tempfile.TemporaryDirectory(prefix="gpu-check-pair-resume-") as tmp:
-        per_rank = budget.spawn(runs_worker, 2, ([*RESUME_BASE, "dist.device=cuda", "dist.mp=2"],
-                                                 resume_runs("pair"), tmp))
+        per_rank = budget.spawn(runs_worker, 2, ([*base, "dist.mp=2"], resume_runs("pair"), tmp))
     runs = {name: _merged(per_rank, name, model) for name in per_rank[0]}
-    return same_device_verdict(runs, "pair", "the pair on 2 GPUs")
+    return same_device_verdict(runs, "pair", "the pair")
 
 
 SCALING_BATCH = 128
@@ -86,16 +92,16 @@ SCALING = [*PAPER, "data.image_size=232", "data.resize=232", f"data.train_size={
            "dist.device=cuda", "dist.amp=bf16", "dist.channels_last=true"]
 
 
-def check_scaling(budget) -> dict:
-    """The pair (2 GPUs), one GPU and DDP (2 GPUs), each stepping through SCALING_BATCH images per step."""
-    b = SCALING_BATCH
-    setups = {"one GPU": (1, ["dist.mp=1", f"train.batch_size={b}"]),
-              "pair (MP)": (2, ["dist.mp=2", f"train.batch_size={b}"]),
-              "DDP": (2, ["dist.mp=1", f"train.batch_size={b // 2}"])}
+def check_scaling(budget, base: tuple = tuple(SCALING), batch: int = SCALING_BATCH, warmup: int = WARMUP,
+                  steps: int = TIMED_STEPS) -> dict:
+    """The pair (2 GPUs), one GPU and DDP (2 GPUs), each stepping through `batch` images per step."""
+    setups = {"one GPU": (1, ["dist.mp=1", f"train.batch_size={batch}"]),
+              "pair (MP)": (2, ["dist.mp=2", f"train.batch_size={batch}"]),
+              "DDP": (2, ["dist.mp=1", f"train.batch_size={batch // 2}"])}
     figures = {}
     for name, (ranks, extra) in setups.items():
-        per_rank = budget.spawn(throughput_worker, ranks, ([*SCALING, *extra], {name: []}))
+        per_rank = budget.spawn(throughput_worker, ranks, ([*base, *extra], {name: []}, warmup, steps))
         figures[name] = min((r[name] for r in per_rank.values()), key=lambda f: f["images_per_s"])  # the slowest
     one = figures["one GPU"]["images_per_s"]
     text = ", ".join(f"{k} {v['images_per_s']:.0f} img/s ({v['images_per_s'] / one:.2f}x)" for k, v in figures.items())
-    return outcome("INFO", f"bf16 channels_last, {b} images per step: {text}", **figures)
+    return outcome("INFO", f"{batch} images per step: {text}", **figures)

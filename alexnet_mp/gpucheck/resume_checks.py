@@ -46,7 +46,8 @@ def same_device_verdict(runs: dict, prefix: str, where: str) -> dict:
     same, moved = compare(resumed["weights"], straight["weights"]), compare(half["weights"], straight["weights"])
     ok = same["identical"] and _restored(resumed) and resumed["steps"] == straight["steps"] == FULL
     return verdict(ok, f"{where}: {HALF} steps, checkpoint, resume to {FULL} equals {FULL} straight steps "
-                       f"{describe(same)} (the last {FULL - HALF} steps move the weights by {moved['max_rel_diff']:.1e}); "
+                       f"{describe(same)} (the last {FULL - HALF} steps move the weights by "
+                       f"{moved['max_rel_diff']:.1e}); "
                        f"momentum buffers restored on the parameters' device and layout: {_restored(resumed)}",
                    max_rel_diff=same["max_rel_diff"], moved=moved["max_rel_diff"], steps=resumed["steps"])
 
@@ -80,7 +81,8 @@ def check_across(budget, devices: tuple = ("cuda", "cpu"), extra: tuple = ()) ->
     base = [*BASE, "dist.mp=1", "model.dropout=0", *extra]
 
     def first(d: int) -> list:
-        return [run_spec(f"d{d}-straight", f"train.max_steps={FULL}"), run_spec(f"d{d}-half", f"train.max_steps={HALF}")]
+        return [run_spec(f"d{d}-straight", f"train.max_steps={FULL}"),
+                run_spec(f"d{d}-half", f"train.max_steps={HALF}")]
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-across-") as tmp:
         runs = budget.spawn(runs_worker, 1, ([*base, f"dist.device={devices[0]}"], first(0), tmp))[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from typing import Callable
@@ -17,7 +18,10 @@ from typing import Callable
 from ..spawn import SpawnError, run_ranks
 from .report import CheckResult, outcome
 
-MIN_CHECK_S = 20.0  # a check is not started with less time than this left in the whole run
+MIN_CHECK_S = 20.0  # a check is not started with less than this (or its own budget) left in the whole run
+
+
+PLUMBING = ("spawn.py", "gpucheck/runner.py")  # frames that only carry a check's work, never its cause
 
 
 class OutOfTime(RuntimeError):
@@ -77,17 +81,19 @@ def error_line(text: str) -> str:
         return lines[0]
     # The exception line follows the last frame's source line (and any ^^^ markers).
     after = next((ln for ln in lines[frames[-1] + 1:] if not ln.startswith(" ")), lines[-1])
-    ours = [ln for ln in lines if ln.startswith("  File ") and "/alexnet_mp/" in ln]
+    who = lines[0].split(" failed in ")[0] + ": " if lines[0].startswith("rank ") else ""
+    ours = [ln for ln in lines if ln.startswith("  File ") and "/alexnet_mp/" in ln
+            and not any(f"/alexnet_mp/{m}" in ln for m in PLUMBING)]
     if ours:
         where = ours[-1].split("/alexnet_mp/", 1)[1].replace('", line ', ":").replace(", in ", " ")
-        return f"{after} (at alexnet_mp/{where})"
-    return after
+        return f"{who}{after} (at alexnet_mp/{where})"
+    return f"{who}{after}"
 
 
 def run_check(check: Check, until: float, total_s: float) -> CheckResult:
     """Run one check within its budget and what is left before `until`; its result, never an exception."""
     seconds = min(check.budget_s, until - time.monotonic())
-    if seconds < MIN_CHECK_S:
+    if seconds < min(check.budget_s, MIN_CHECK_S):
         return CheckResult(check.name, "FAIL", f"not run: the {total_s:.0f} s budget of the whole check was spent "
                                                f"(run it alone with --only {check.name})")
     start = time.monotonic()
@@ -95,9 +101,8 @@ def run_check(check: Check, until: float, total_s: float) -> CheckResult:
         out = check.run(Budget(seconds))
     except SpawnError as e:
         out = outcome("FAIL", error_line(str(e)))
-    except Exception as e:  # the parent's own part of the check
-        first = str(e).splitlines()[0] if str(e) else ""
-        out = outcome("FAIL", f"{type(e).__name__}: {first}")
+    except Exception:  # the parent's own part of the check
+        out = outcome("FAIL", error_line(traceback.format_exc()))
     return CheckResult(check.name, out["status"], out["detail"], time.monotonic() - start, out.get("figures", {}))
 
 

@@ -19,7 +19,8 @@ from .configs import config
 
 def buffer_layout(optimizer: torch.optim.Optimizer) -> dict:
     """Whether every momentum buffer lies on its parameter's device with its parameter's strides."""
-    pairs = [(p, optimizer.state.get(p, {}).get("momentum_buffer")) for g in optimizer.param_groups for p in g["params"]]
+    pairs = [(p, optimizer.state.get(p, {}).get("momentum_buffer"))
+             for g in optimizer.param_groups for p in g["params"]]
     held = [(p, b) for p, b in pairs if b is not None]
     return {"buffers": len(held), "on_param_device": all(b.device == p.device for p, b in held),
             "param_strides": all(b.stride() == p.stride() for p, b in held)}
