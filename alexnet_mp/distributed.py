@@ -3,6 +3,7 @@ the ranks agree on a decision (rank 0 decides, every rank learns the answer or t
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -115,8 +116,12 @@ def configure_backends(deterministic: bool, tf32: bool) -> None:
 
 
 def teardown() -> None:
+    """Leave the process groups and free them now, which joins their threads: a gloo thread still
+    alive at interpreter exit may free a tensor after Python has shut down, and abort the process.
+    Drop every reference to the Layout and the Trainer first (`gc.collect` frees their cycles)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()
 
 
 # ------------------------------------------------------------------ agreeing

@@ -266,15 +266,20 @@ def _forward_stop(signum, frame) -> None:
 
 @contextmanager
 def forward_stop_signals(signals=STOP_SIGNALS):
-    """In the launcher: SIGTERM/SIGINT go to the training processes instead of ending it; restored on exit."""
+    """In the launcher: SIGTERM/SIGINT go to the training processes instead of ending it; the
+    handlers and the environment are restored on exit."""
     global _launcher_stop
-    _launcher_stop = ""
+    _launcher_stop, before = "", os.environ.get(STOP_ENV)
     previous = {s: signal.signal(s, _forward_stop) for s in signals}
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if before is None:
+            os.environ.pop(STOP_ENV, None)
+        else:
+            os.environ[STOP_ENV] = before
 
 
 def launch(argv: list[str]) -> int:
@@ -295,6 +300,8 @@ def launch(argv: list[str]) -> int:
         try:
             record(torchrun.run)(args)
         except SignalException as e:
+            if e.sigval not in STOP_SIGNALS:  # SIGHUP, SIGQUIT: torchrun's own handling, its own report
+                raise
             print(f"error: torchrun stopped on {e.sigval.name} before its training processes were running "
                   f"(nothing to checkpoint); start the command again", file=sys.stderr)
             return 128 + int(e.sigval)

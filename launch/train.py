@@ -2,6 +2,8 @@
 
     torchrun --standalone --nproc_per_node=2 launch/train.py [--config FILE] [key=value ...]
     python launch/train.py --help            # every config key, its type, default and meaning
+    python launch/preemptible.py --standalone --nproc_per_node=2 launch/train.py ...  # torchrun that
+                                             # exits 0 when SIGTERM/Ctrl-C stopped the run cleanly
 
 Without --config it trains the small network of configs/small.yaml on the built-in
 data set. Any even number of processes runs D = processes / 2 data-parallel replicas
@@ -39,18 +41,30 @@ USER_ERRORS = (ConfigError, LaunchError, DataError, ExportError, PeerError, Stor
 def main(argv=None, callbacks=()) -> int:
     """Train as the command line says; the exit status is 0 (done or stopped cleanly), 1 (the run
     failed) or 2 (it could not start). `callbacks` are extra trainer seams (tests)."""
-    # 1. The configuration: defaults, the YAML file, key=value overrides, all checked.
+    # SIGTERM/SIGINT from here on ask every rank to finish its step, checkpoint and stop (0).
+    with resilience.catch_stop_signals():
+        # 1. The configuration: defaults, the YAML file, key=value overrides, all checked.
+        try:
+            cfg, _ = load_config(argv, DEFAULT_CONFIG)  # --help and --print-config print and exit here
+            # 2. The processes: torchrun's environment, the device, the process groups, the mesh.
+            layout = setup(cfg.dist)
+        except USER_ERRORS as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        # 3. The training.
+        try:
+            return train(cfg, layout, callbacks)
+        finally:
+            # 4. The end: leave the process groups (nothing may hold them any more: see teardown).
+            del layout
+            teardown()
+
+
+def train(cfg, layout, callbacks=()) -> int:
+    """Run the trainer: 0 when it finished or stopped cleanly, 1 with the error in one line.
+    The profiler (profile.enabled) writes profile.json and a table at the end."""
     try:
-        cfg, _ = load_config(argv, DEFAULT_CONFIG)  # --help and --print-config print and exit here
-        # 2. The processes: torchrun's environment, the device, the process groups, the mesh.
-        layout = setup(cfg.dist)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    # 3. The training. SIGTERM/SIGINT finish the step, checkpoint and stop; the profiler
-    #    (profile.enabled) writes profile.json and a table at the end.
-    try:
-        with resilience.catch_stop_signals(), profiling(cfg, layout) as prof:
+        with profiling(cfg, layout) as prof:
             Trainer(cfg, layout, callbacks=[prof, *callbacks]).fit()
     except (*USER_ERRORS, RunFailed, NonFiniteError) as e:
         print(f"error (rank {layout.rank}): {e}", file=sys.stderr)
@@ -59,9 +73,6 @@ def main(argv=None, callbacks=()) -> int:
             print(f"rank {layout.rank}: flight recorder written to {dump}; read it with torchfrtrace {dump.parent}",
                   file=sys.stderr)
         return 1
-    finally:
-        # 4. The end: leave the process groups.
-        teardown()
     return 0
 
 

@@ -34,6 +34,9 @@ class KillMidExchange(Callback, LinkObserver):
                 and (crossing, phase) == ("fc6", "backward")):
             os.kill(os.getpid(), signal.SIGKILL)
 
+    def on_fit_end(self, trainer, error):
+        self.trainer = None  # the trainer holds the process groups; teardown must free them
+
 
 class TermAfterStep(Callback):
     def __init__(self, step: int):

@@ -4,7 +4,8 @@
 
 At the end of step STEP, rank 0 sends each signal of SIGNALS (comma-separated names) to its parent
 process, the launcher, as a scheduler would; after the first it waits until the launcher has passed
-the signal on to it. When main() has returned, every rank prints the Python threads still alive.
+the signal on to it. When main() has returned, every rank prints the threads still alive: Python's
+non-daemon threads, and the process groups' native worker threads (gloo, NCCL).
 """
 import os
 import runpy
@@ -18,6 +19,19 @@ from alexnet_mp import resilience
 from alexnet_mp.trainer import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+GROUP_THREADS = ("pt_gloo", "gloo", "pt_nccl")  # name prefixes of the process groups' native threads
+
+
+def native_threads() -> list[str]:
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # ended meanwhile
+            pass
+    return sorted(names)
 
 
 class SignalLauncher(Callback):
@@ -40,5 +54,7 @@ if __name__ == "__main__":
     mine = [SignalLauncher(at_step, names)] if os.environ["RANK"] == "0" else []
     code = train["main"](sys.argv[3:], callbacks=mine)
     alive = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    groups = [name for name in native_threads() if name.startswith(GROUP_THREADS)]
     print(f"rank {os.environ['RANK']}: non-daemon threads at exit: {alive}", flush=True)
+    print(f"rank {os.environ['RANK']}: process-group threads at exit: {groups}", flush=True)
     sys.exit(code)

@@ -4,19 +4,21 @@ signals exits 0, and a stopped run leaves no thread or process behind.
 The in-process runs use the package's spawner; the launcher runs as a real subprocess
 (launch/preemptible.py) with tests/signal_driver.py sending the signals from inside the run.
 """
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
 from alexnet_mp import checkpoint, resilience
 from alexnet_mp.trainer import Callback
-from harness import run_ranks
+from harness import free_port, run_ranks
 from test_train import TINY, script_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,37 +41,46 @@ class SignalSelf(Callback):
 
 
 def signalled_worker(rank, argv, signals_by_rank):
-    recorder = SignalSelf(2, signals_by_rank.get(rank, ()))
-    code = script_worker(rank, argv, [recorder])
-    return code, recorder.stopped_at, recorder.flag
+    """(exit code, stopping step, stop flag) of this rank, and what it printed."""
+    recorder, out = SignalSelf(2, signals_by_rank.get(rank, ())), io.StringIO()
+    with redirect_stdout(out):
+        code = script_worker(rank, argv, [recorder])
+    return (code, recorder.stopped_at, recorder.flag), out.getvalue()
 
 
 def stopped_run(tmp_path, signals_by_rank):
+    """{rank: (exit code, stopping step, stop flag)}, the checkpointed step, rank 0's output."""
     argv = [*ONE_EPOCH, f"run.out_dir={tmp_path}", "run.name=stop"]
     results = run_ranks(signalled_worker, args=(argv, signals_by_rank), timeout=180)
-    folder, manifest = checkpoint.latest_good(tmp_path / "stop" / "checkpoints")
-    return results, manifest["trainer"]["step"]
+    _, manifest = checkpoint.latest_good(tmp_path / "stop" / "checkpoints")
+    return {r: outcome for r, (outcome, _) in results.items()}, manifest["trainer"]["step"], results[0][1]
 
 
 # ---------------------------------------------------------------- the training processes
 
 
-def test_a_stop_request_in_one_rank_stops_every_rank_after_the_same_step(tmp_path, capfd):
-    results, saved = stopped_run(tmp_path, {1: (signal.SIGTERM,)})  # only rank 1 is told
+@pytest.fixture(scope="module")
+def told_once(tmp_path_factory):
+    """A run whose rank 1 alone gets one SIGTERM after step 2: ({rank: (code, stopping step, flag)},
+    the checkpointed step, rank 0's output)."""
+    return stopped_run(tmp_path_factory.mktemp("once"), {1: (signal.SIGTERM,)})
+
+
+def test_a_stop_request_in_one_rank_stops_every_rank_after_the_same_step(told_once):
+    results, saved, out = told_once
     (code0, step0, flag0), (code1, step1, flag1) = results[0], results[1]
     assert code0 == code1 == 0
-    assert flag0 == "" and flag1 == "SIGTERM"
+    assert flag0 == "" and flag1 == "SIGTERM"  # rank 0 learnt of the request from the agreement alone
     assert step0 == step1 == saved  # the same step everywhere, and that step is checkpointed
     assert 2 < saved < 8  # after the signal, before the end of the epoch
-    assert f"stopped after step {saved} on a stop signal" in capfd.readouterr().out
+    assert f"stopped after step {saved} on a stop signal" in out
 
 
-def test_repeated_stop_signals_change_nothing(tmp_path):
-    once, saved_once = stopped_run(tmp_path / "once", {0: (signal.SIGTERM,)})
-    repeated, saved_repeated = stopped_run(tmp_path / "repeated",
-                                           {0: (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)})
-    assert saved_repeated == saved_once
-    assert repeated == once  # same exit codes, same stopping step, the first signal's name
+def test_repeated_stop_signals_change_nothing(told_once, tmp_path):
+    results, saved, _ = told_once
+    repeated, saved_repeated, _ = stopped_run(tmp_path, {1: (signal.SIGTERM, signal.SIGINT, signal.SIGTERM)})
+    assert saved_repeated == saved
+    assert repeated == results  # same exit codes, same stopping step, the first signal's name
 
 
 def test_the_stop_flag_is_set_from_the_start_in_a_process_started_after_the_launcher_stopped(monkeypatch):
@@ -105,9 +116,11 @@ def test_the_launcher_passes_stop_signals_to_its_children_and_survives_them():
             os.kill(os.getpid(), signal.SIGTERM)  # this process would end here without the forwarding
             os.kill(os.getpid(), signal.SIGINT)
             out, _ = child.communicate(timeout=60)
+            assert os.environ[resilience.STOP_ENV] == "SIGTERM"  # for training processes started later
         finally:
             child.kill()
     assert out.split() == [str(int(signal.SIGTERM)), str(int(signal.SIGINT))]
+    assert resilience.STOP_ENV not in os.environ
 
 
 def test_a_stop_signal_before_any_training_process_stops_the_launcher_as_torchrun_would():
@@ -119,6 +132,33 @@ def test_a_stop_signal_before_any_training_process_stops_the_launcher_as_torchru
             time.sleep(5)  # the handler raises here
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun is stopping already: a repeat changes nothing
     assert stopped.value.sigval == signal.SIGTERM
+
+
+def handles(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
+    return False
+
+
+def test_a_launcher_stopped_before_its_training_processes_start_says_so_in_one_line():
+    # Two nodes are asked for and one comes: torchrun waits in the rendezvous, with no training process.
+    port = free_port()
+    launcher = subprocess.Popen([sys.executable, str(ROOT / "launch" / "preemptible.py"), "--nnodes=2",
+                                 "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                                 str(ROOT / "launch" / "train.py")], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not handles(launcher.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "error: torchrun stopped on SIGTERM before its training processes were running" in err
+    assert "Traceback" not in err
 
 
 def processes_tagged(tag: str) -> list[int]:
@@ -137,14 +177,13 @@ def processes_tagged(tag: str) -> list[int]:
 def preempted(tmp_path_factory):
     """A launcher told to stop twice (SIGTERM, then SIGINT) after step 3 of a run with a loader worker."""
     out = tmp_path_factory.mktemp("preempted")
-    tag = f"ALEXNET_MP_TEST_TAG={uuid.uuid4().hex}"
-    key, value = tag.split("=")
+    tag = uuid.uuid4().hex  # in the environment of every process the run starts
     cmd = [sys.executable, str(ROOT / "launch" / "preemptible.py"), "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "signal_driver.py"), "3", "SIGTERM,SIGINT",
            *TINY, "data.num_workers=1", f"run.out_dir={out}", "run.name=pre"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", key: value})
-    return proc, out / "pre", processes_tagged(value)
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ALEXNET_MP_TEST_TAG": tag})
+    return proc, out / "pre", processes_tagged(tag)
 
 
 def test_a_launcher_told_to_stop_exits_0_after_its_workers_checkpoint(preempted):
@@ -152,7 +191,7 @@ def test_a_launcher_told_to_stop_exits_0_after_its_workers_checkpoint(preempted)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "Traceback" not in log and "SignalException" not in log and "error" not in log.lower()
-    folder, manifest = checkpoint.latest_good(run / "checkpoints")
+    _, manifest = checkpoint.latest_good(run / "checkpoints")
     assert f"stopped after step {manifest['trainer']['step']} on a stop signal" in log
     assert 3 < manifest["trainer"]["step"] < 8
 
@@ -162,4 +201,6 @@ def test_a_stopped_run_leaves_no_thread_or_process_behind(preempted):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: non-daemon threads at exit: []" in proc.stdout
+        # A gloo thread alive when the interpreter exits may free a tensor then and abort the process.
+        assert f"rank {rank}: process-group threads at exit: []" in proc.stdout
     assert left == []  # training processes, loader workers: all gone when the launcher returns

@@ -13,6 +13,7 @@ ends the previous one, which then raises if it is iterated further.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -74,12 +75,14 @@ def _as_is(batch: Batch) -> Batch:
 
 
 def _own_process_group(worker_id: int) -> None:
-    # torchrun stops a training process by signalling its whole process group, and Ctrl-C
-    # signals the terminal's; the trainer then finishes its step and checkpoints, so its
-    # loader's workers must outlive the signal. In a group of their own they do, yet a
-    # signal sent to the worker itself (the loader's shutdown) still ends it, and torch's
-    # workers still exit when their parent dies.
+    # A stop signal asks the trainer to finish its step and checkpoint, so its loader's workers
+    # must outlive it, whoever sends it: torchrun (the training process's group), Ctrl-C (the
+    # terminal's group) or a scheduler that signals every process of the job. In a group of
+    # their own and ignoring the stop signals they do; they still end with the loader's
+    # shutdown (a message, then SIGKILL if stuck) and when their parent dies.
     os.setpgrp()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _one_line(e: DataError) -> DataError:
