@@ -10,6 +10,7 @@ the sender's exit.
 from __future__ import annotations
 
 import io
+import multiprocessing
 import os
 import queue
 import socket
@@ -46,9 +47,16 @@ def _decode(blob: bytes):
     return torch.load(io.BytesIO(blob), weights_only=False)
 
 
-def _child(fn, rank, world_size, port, args, results, env):
+def _as_torchrun_would(rank: int, world_size: int, port: int, env: dict) -> None:
+    """The environment and start method of a torchrun worker (whose own children, the loader
+    workers, are forked: a spawned child would inherit "spawn" and start each one anew)."""
     os.environ.update(env)
     os.environ.update(rank_env(rank, world_size, port))
+    multiprocessing.set_start_method("fork", force=True)
+
+
+def _child(fn, rank, world_size, port, args, results, env):
+    _as_torchrun_would(rank, world_size, port, env)
     try:
         results.put((rank, "ok", _encode(fn(rank, *args))))
     except BaseException:
@@ -114,8 +122,7 @@ def run_ranks(fn, world_size: int = 2, args: tuple = (), timeout: float = 120.0,
 
 
 def _pool_worker(rank, world_size, port, setup, tasks, results, env):
-    os.environ.update(env)
-    os.environ.update(rank_env(rank, world_size, port))
+    _as_torchrun_would(rank, world_size, port, env)
     try:
         context = setup(rank) if setup else None
         results.put((rank, "ok", _encode("ready")))
@@ -128,7 +135,11 @@ def _pool_worker(rank, world_size, port, setup, tasks, results, env):
             results.put((rank, "ok", _encode(fn(context, *args))))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
-            return
+            break
+    # As in _child: no process-group teardown at exit (a peer may be gone, and it only costs time).
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 class WorkerPool:

@@ -14,6 +14,14 @@ from dataclasses import dataclass
 POOL_SIZES = {"one": 1, "indep": 1, "pair": 2, "four": 4}
 
 
+def kind_shape(kind: str) -> tuple[int, int, str | None]:
+    """(processes per model, data-parallel replicas, amp or None for the preset's) of a trainer kind."""
+    base = kind.removesuffix("-bf16")
+    mp = 2 if base in ("column", "null", "grid") else 1
+    dp = 2 if base in ("ddp", "grid") else 1
+    return mp, dp, "bf16" if kind.endswith("-bf16") else None
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -36,15 +44,16 @@ class Mode:
     @property
     def dp(self) -> int:
         """Data-parallel replicas sharing the batch."""
-        return {"ddp": 2, "grid": 2}.get(self.kind.removesuffix("-bf16"), 1)
+        return kind_shape(self.kind)[1]
 
     @property
     def mp(self) -> int:
-        return 2 if self.kind.removesuffix("-bf16") in ("column", "null", "grid") else 1
+        return kind_shape(self.kind)[0]
 
     @property
     def amp(self) -> str:
-        return "bf16" if self.kind.endswith("-bf16") else "off"
+        """"bf16" for the bf16 rows, else "off" (the preset's own dist.amp applies)."""
+        return kind_shape(self.kind)[2] or "off"
 
 
 def cpu_modes(cores: int, bf16: bool) -> list[Mode]:

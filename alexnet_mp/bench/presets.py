@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..config import SYNTHETIC_MAX_SIDE, build_config
+
 SMALL_WIDTHS = ["model.conv_widths=[8,16,24,24,16]", "model.fc_width=32"]
 
 
@@ -22,8 +24,10 @@ class Preset:
     channels_last: bool = False
     peak: dict = field(default_factory=dict)  # sizes of the peak kernels (flops.peak_rates)
     peak_s: float = 0.5  # seconds per peak kernel
-    loader: dict = field(default_factory=dict)  # loader section sizes (loader.measure_loader)
+    # the loader section: images, rounds, crop, batch, prepare's processes (0: every core); loader.measure_loader
+    loader: dict = field(default_factory=dict)
     profiled_batches: int = 1  # the profiler-overhead mode runs at this many of the smallest batches
+    calibration_s: float = 2.0  # seconds of the calibration rate, before and after
 
 
 QUICK = Preset(
@@ -35,7 +39,7 @@ QUICK = Preset(
     overrides=("model.crop_size=131",),
     batches=(32, 128), warmup=1, steps=2, min_repeats=4, max_repeats=12, cap_s=480.0,
     peak={"mm": 1024, "conv": (32, 192, 192, 15)}, peak_s=0.4,
-    loader={"train_per_class": 60, "classes": 10, "val_per_class": 2, "rounds": 3, "pair_batch": 32},
+    loader={"train_per_class": 60, "classes": 10, "val_per_class": 2, "rounds": 3, "pair_batch": 32, "crop": 227},
 )
 
 TINY = Preset(
@@ -44,7 +48,9 @@ TINY = Preset(
     overrides=("model.num_classes=5", "model.crop_size=67", *SMALL_WIDTHS),
     batches=(4, 8), warmup=1, steps=1, min_repeats=2, max_repeats=2, cap_s=60.0,
     peak={"mm": 64, "conv": (2, 8, 8, 9)}, peak_s=0.02,
-    loader={"train_per_class": 6, "classes": 2, "val_per_class": 1, "rounds": 2, "pair_batch": 4},
+    loader={"train_per_class": 6, "classes": 2, "val_per_class": 1, "rounds": 2, "pair_batch": 4, "crop": 67,
+            "workers": 1},
+    calibration_s=0.2,
 )
 
 GPU = Preset(
@@ -57,3 +63,16 @@ GPU = Preset(
 )
 
 PRESETS = {p.name: p for p in (QUICK, TINY, GPU)}
+
+
+def bench_config(preset: Preset, overrides=(), device: str = "cpu"):
+    """The base config of every mode: the preset's network, the built-in data with enough images for
+    two batches of the largest size, no loader workers, patient timeouts, non-finite steps skipped."""
+    cfg = build_config(overrides=[*preset.overrides, *overrides])
+    crop, biggest = cfg.model.crop_size, max(preset.batches)
+    return build_config(overrides=[
+        *preset.overrides, f"data.train_size={2 * biggest}", "data.val_size=1",
+        f"data.image_size={min(SYNTHETIC_MAX_SIDE, crop + 32)}", "data.num_workers=0", "data.check=off",
+        "dist.timeout_s=900", "dist.startup_timeout_s=900", "run.nonfinite=skip", "run.progress=false",
+        f"dist.device={device}", f"dist.amp={preset.amp}", f"dist.channels_last={str(preset.channels_last).lower()}",
+        *overrides])

@@ -11,21 +11,21 @@ import functools
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from ..spawn import WorkerPool
 from . import worker
+from .figures import cell_key
 from .modes import POOL_SIZES, Mode, modes_at, pools_for
 from .stats import stop_verdict
 
 START_DELAY_S = 0.05  # lead time of a wall-clock start shared by pools that run side by side
+_STARTED = time.perf_counter()
 
 
 def say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-def cell_key(mode: str, batch: int) -> str:
-    return f"{mode}@{batch}"
+    """A progress line on stderr, with the seconds since the command started."""
+    print(f"bench [{time.perf_counter() - _STARTED:.0f} s]: {message}", file=sys.stderr, flush=True)
 
 
 class Pools:
@@ -33,17 +33,27 @@ class Pools:
 
     def __init__(self, names: list[str], config: dict, device: str, cores: int, timeout: float):
         self.pools = {}
-        try:
-            for name in names:
-                spec = {"config": config, "mp": 2 if POOL_SIZES[name] > 1 else 1, "device": device}
-                # The "one" pool also runs single-all: its OpenMP runtime may use every core.
-                env = {"OMP_NUM_THREADS": str(cores if name == "one" else 1)}
-                say(f"starting the {name!r} pool ({POOL_SIZES[name]} process(es))")
-                self.pools[name] = WorkerPool(POOL_SIZES[name], setup=functools.partial(worker.start, spec),
-                                              timeout=timeout, env=env)
-        except BaseException:
+        say(f"starting the worker pools: {', '.join(f'{n} ({POOL_SIZES[n]})' for n in names)} processes")
+
+        def start(name: str) -> WorkerPool:
+            spec = {"config": config, "mp": 2 if POOL_SIZES[name] > 1 else 1, "device": device}
+            # The "one" pool also runs single-all: its OpenMP runtime may use every core.
+            env = {"OMP_NUM_THREADS": str(cores if name == "one" else 1)}
+            return WorkerPool(POOL_SIZES[name], setup=functools.partial(worker.start, spec), timeout=timeout, env=env)
+        with ThreadPoolExecutor(len(names)) as threads:  # side by side: each start waits on process start-up
+            futures = {name: threads.submit(start, name) for name in names}
+        failed = None
+        for name, future in futures.items():
+            try:
+                self.pools[name] = future.result()
+            except BaseException as e:
+                failed = failed or e
+        if failed is not None:
             self.close()
-            raise
+            raise failed
+
+    def get(self, name: str) -> WorkerPool | None:
+        return self.pools.get(name)
 
     def run(self, name: str, fn, *args) -> list:
         return self.pools[name].run(fn, *args)
@@ -58,8 +68,9 @@ class Pools:
         return [p.pid for pool in self.pools.values() for p in pool.procs]
 
     def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
+        """Stop every pool, side by side (a rank takes seconds to leave its process group)."""
+        with ThreadPoolExecutor(max(1, len(self.pools))) as threads:
+            list(threads.map(WorkerPool.close, self.pools.values()))
         self.pools = {}
 
 
@@ -101,7 +112,9 @@ def measure_peak(pools: Pools, config: dict, preset) -> dict:
 
 def repeat_tasks(modes: list[Mode], peaks: dict, preset, r: int) -> list[tuple]:
     """This repeat's tasks: the peaks, then each batch's modes rotated by r (batches alternate)."""
-    tasks = [("peak", name) for name in list(peaks)[r % max(1, len(peaks)):] + list(peaks)[:r % max(1, len(peaks))]]
+    names = list(peaks)
+    k = r % max(1, len(names))
+    tasks = [("peak", name) for name in names[k:] + names[:k]]
     batches = list(preset.batches) if r % 2 == 0 else list(reversed(preset.batches))
     for batch in batches:
         here = modes_at(modes, batch, preset.batches, preset.profiled_batches)

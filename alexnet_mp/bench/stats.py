@@ -17,6 +17,7 @@ LEVEL = 0.95  # the intervals' coverage
 RESAMPLES = 4000
 TARGET_HALF_WIDTH = 0.05  # repeats go on until every stopping figure's half-width is below this (relative)
 DRIFT_LIMIT = 0.10  # calibration drift beyond this marks a run inconclusive
+FOREIGN_LIMIT = 0.10  # other programs' CPU use beyond this share of the cores marks a run inconclusive
 
 
 @dataclass(frozen=True)
@@ -111,14 +112,23 @@ def format_estimate(e: Estimate | None) -> str:
     return f"{sig2(e.value)} [{sig2(e.lower)}, {sig2(e.upper)}]"
 
 
-def drift_verdict(before: float, after: float, limit: float = DRIFT_LIMIT) -> tuple:
+def drift_verdict(before: float, after: float, limit: float = DRIFT_LIMIT, unit: str = "") -> tuple:
     """(drift, reason or None): the calibration rate's relative change over the run; beyond
     `limit` the machine's speed changed while modes were measured, and the run is inconclusive."""
     drift = after / before - 1
     if abs(drift) <= limit:
         return drift, None
-    return drift, (f"the calibration rate changed by {drift:+.0%} during the run ({sig2(before)} before, "
-                   f"{sig2(after)} after; limit {limit:.0%}): the machine's speed was not steady")
+    return drift, (f"the calibration rate changed by {drift:+.0%} during the run ({sig2(before)}{unit} before, "
+                   f"{sig2(after)}{unit} after; limit {limit:.0%}): the machine's speed was not steady")
+
+
+def load_verdict(foreign_cores: float | None, cores: int, limit: float = FOREIGN_LIMIT) -> str | None:
+    """A reason when other programs used more than `limit` of the cores while the modes ran (the
+    modes then competed with them, each in its own way); None on a quiet machine or when unknown."""
+    if foreign_cores is None or foreign_cores <= limit * cores:
+        return None
+    return (f"other programs used {sig2(foreign_cores)} of the {cores} cores while the modes ran (limit "
+            f"{limit:.0%}): the figures describe a shared machine")
 
 
 def wrong_side_verdict(name: str, e: Estimate, floor: float, what: str) -> str | None:

@@ -26,6 +26,7 @@ from ..profiler import Profiler
 from ..trainer import Trainer
 from ..transport import NullLink
 from .flops import flop_counter, peak_rates
+from .modes import kind_shape
 from .steps import StepClock, run_steps
 
 DISTINCT_BATCHES = 2  # batches per (kind, size), cycled through by the steps
@@ -44,16 +45,13 @@ class BenchWorker:
     def __init__(self, cfg, layout: Layout):
         self.cfg, self.layout = cfg, layout
         self.trainers, self.batches, self.layouts = {}, {}, {}
-        self.bundle, self.profiler = None, None
-        self.scratch = tempfile.mkdtemp(prefix="alexnet-bench-")  # the profiler's run folder (nothing is written)
+        self.bundle, self.profiler, self.scratch = None, None, None
 
     def config(self, kind: str, batch: int):
         """The config of a kind at a global batch: its dist.mp, amp and per-replica batch."""
-        base = kind.removesuffix("-bf16")
-        mp = 2 if base in ("column", "null", "grid") else 1
-        dp = 2 if base in ("ddp", "grid") else 1
+        mp, dp, amp = kind_shape(kind)
         cfg = copy.deepcopy(self.cfg)
-        cfg.dist.mp, cfg.dist.amp = mp, "bf16" if kind.endswith("-bf16") else cfg.dist.amp
+        cfg.dist.mp, cfg.dist.amp = mp, amp or cfg.dist.amp
         cfg.train.batch_size = batch // dp
         return cfg.validate()
 
@@ -104,9 +102,11 @@ def prepare(worker: BenchWorker, kind: str, batch: int) -> dict:
 
 
 def _attach_profiler(worker: BenchWorker, trainer) -> None:
+    if worker.scratch is None:  # the profiler's run folder: it writes nothing there unless asked to report
+        worker.scratch = tempfile.TemporaryDirectory(prefix="alexnet-bench-")
     profiler = Profiler(trainer.cfg, trainer.layout)
     with contextlib.redirect_stdout(io.StringIO()):  # its start-up line, once per measurement
-        profiler.attach(trainer.model, trainer.link, trainer.optimizer, worker.scratch)
+        profiler.attach(trainer.model, trainer.link, trainer.optimizer, worker.scratch.name)
     trainer.callbacks.callbacks.append(profiler)
     worker.profiler = profiler
 
