@@ -237,24 +237,24 @@ def _warn(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
-def latest_good(root: Path, warn=_warn) -> tuple[Path, dict] | None:
-    """The newest checkpoint that verifies, skipping (and reporting) broken ones."""
-    for folder in reversed(committed(root)):
+def _first_good(folders, warn) -> tuple[Path, dict] | None:
+    """The first of `folders` that verifies, reporting the broken ones skipped on the way."""
+    for folder in folders:
         try:
             return folder, verify(folder)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint {folder.name}: {e}")
     return None
+
+
+def latest_good(root: Path, warn=_warn) -> tuple[Path, dict] | None:
+    """The newest checkpoint that verifies, skipping (and reporting) broken ones."""
+    return _first_good(reversed(committed(root)), warn)
 
 
 def best(root: Path, warn=_warn) -> tuple[Path, dict] | None:
     """The checkpoint with the highest best_metric that verifies (broken ones are reported and skipped)."""
-    for folder in _by_metric(_manifests(root)):
-        try:
-            return folder, verify(folder)
-        except CheckpointError as e:
-            warn(f"warning: skipping checkpoint {folder.name}: {e}")
-    return None
+    return _first_good(_by_metric(_manifests(root)), warn)
 
 
 def resolve(path: str | Path, best_one: bool = False) -> tuple[Path, dict]:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from . import resilience
+from . import flight_recorder, resilience
 from .config import DistConfig
 from .parallel_dims import LaunchError, ParallelDims
 from .transport import PeerLink
@@ -29,7 +29,7 @@ class Layout:
     mp_group: object = None
     dp_group: object = None
     mesh: object = None
-    store: object = None  # the launch's store, shared by torchrun's restarts (see resilience.py)
+    store: object = None  # the launch's store, shared by torchrun's restarts (resilience.attempt_store)
 
     @property
     def column(self) -> int:
@@ -89,7 +89,7 @@ def setup(cfg: DistConfig) -> Layout:
     else:
         # Processes sharing a small CPU must not each claim every core.
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // (local_world or dims.world_size)))
-    for key, value in resilience.debug_env(backend, cfg.flight_recorder).items():
+    for key, value in flight_recorder.debug_env(backend, cfg.flight_recorder).items():
         os.environ.setdefault(key, value)  # read when the groups start; the user's own settings win
     timeout = timedelta(seconds=cfg.startup_timeout_s)
     launch_store, attempt_store = resilience.attempt_store(rank, dims.world_size, timeout)

@@ -10,7 +10,7 @@ traceback even when its workers stopped cleanly.
 """
 import sys
 
-from alexnet_mp.resilience import launch
+from alexnet_mp.preemption import launch
 
 if __name__ == "__main__":
     sys.exit(launch(sys.argv[1:]))

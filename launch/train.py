@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from alexnet_mp import checkpoint, resilience, rundir
+from alexnet_mp import checkpoint, flight_recorder, preemption, rundir
 from alexnet_mp.cli import load_config
 from alexnet_mp.config import ConfigError
 from alexnet_mp.data import DataError
@@ -42,7 +42,7 @@ def main(argv=None, callbacks=()) -> int:
     """Train as the command line says; the exit status is 0 (done or stopped cleanly), 1 (the run
     failed) or 2 (it could not start). `callbacks` are extra trainer seams (tests)."""
     # SIGTERM/SIGINT from here on ask every rank to finish its step, checkpoint and stop (0).
-    with resilience.catch_stop_signals():
+    with preemption.catch_stop_signals():
         # 1. The configuration: defaults, the YAML file, key=value overrides, all checked.
         try:
             cfg, _ = load_config(argv, DEFAULT_CONFIG)  # --help and --print-config print and exit here
@@ -68,7 +68,7 @@ def train(cfg, layout, callbacks=()) -> int:
             Trainer(cfg, layout, callbacks=[prof, *callbacks]).fit()
     except (*USER_ERRORS, RunFailed, NonFiniteError) as e:
         print(f"error (rank {layout.rank}): {e}", file=sys.stderr)
-        dump = resilience.dump_flight_recorder(layout.rank) if isinstance(e, PeerError) else None
+        dump = flight_recorder.dump_flight_recorder(layout.rank) if isinstance(e, PeerError) else None
         if dump:
             print(f"rank {layout.rank}: flight recorder written to {dump}; read it with torchfrtrace {dump.parent}",
                   file=sys.stderr)

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from alexnet_mp import resilience
+from alexnet_mp import preemption, resilience
 from alexnet_mp.trainer import Callback
 from alexnet_mp.transport import LinkObserver
 
@@ -46,7 +46,7 @@ class TermAfterStep(Callback):
         if trainer.state.step == self.step:
             os.kill(os.getppid(), signal.SIGTERM)  # the agent; it forwards SIGTERM to every worker
             deadline = time.monotonic() + 60
-            while not resilience.stop_requested() and time.monotonic() < deadline:
+            while not preemption.stop_requested() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from alexnet_mp import resilience
+from alexnet_mp import preemption
 from alexnet_mp.trainer import Callback
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,7 @@ class SignalLauncher(Callback):
         for sig in self.signals:
             os.kill(os.getppid(), sig)
             deadline = time.monotonic() + 60
-            while not resilience.stop_requested() and time.monotonic() < deadline:
+            while not preemption.stop_requested() and time.monotonic() < deadline:
                 time.sleep(0.01)
 
 

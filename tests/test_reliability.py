@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from alexnet_mp import checkpoint, resilience
+from alexnet_mp import checkpoint, flight_recorder, preemption, resilience
 from alexnet_mp.config import ConfigError, build_config
 from alexnet_mp.distributed import setup
 from alexnet_mp.rundir import RunDirError, load_run_config
@@ -87,15 +87,15 @@ def test_sigterm_stops_both_ranks_after_the_same_step_with_a_checkpoint_and_the_
 
 def test_stop_signals_only_raise_a_flag_and_handlers_come_back():
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with resilience.catch_stop_signals():
-        assert resilience.stop_requested() == ""
+    with preemption.catch_stop_signals():
+        assert preemption.stop_requested() == ""
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while not resilience.stop_requested() and time.monotonic() < deadline:
+        while not preemption.stop_requested() and time.monotonic() < deadline:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)  # a repeat (torchrun forwards Ctrl-C again) changes nothing
         time.sleep(0.1)
-        assert resilience.stop_requested() == "SIGTERM"
+        assert preemption.stop_requested() == "SIGTERM"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
@@ -162,7 +162,7 @@ def test_hung_peer_in_a_collective_ends_the_survivor_within_the_timeout(tmp_path
     newest = pickle.loads(dump.read_bytes())["entries"][-1]
     assert newest["profiling_name"].endswith("all_reduce")
     assert any(f["name"] == "agree" for f in newest["frames"])
-    text = resilience.describe_flight_recorder(dump.parent)
+    text = flight_recorder.describe_flight_recorder(dump.parent)
     assert "rank_0" in text and "all_reduce" in text.splitlines()[-1] and "agree" in text.splitlines()[-1]
 
 
@@ -189,11 +189,11 @@ def test_hung_peer_in_a_checkpoint_commit_ends_the_survivor_within_the_timeout(t
 
 
 def test_debug_env_turns_on_nccl_error_handling_and_the_flight_recorder():
-    env = resilience.debug_env("nccl", 2000)
+    env = flight_recorder.debug_env("nccl", 2000)
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     assert env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == env["TORCH_FR_BUFFER_SIZE"] == "2000"
-    assert resilience.debug_env("gloo", 2000) == {"TORCH_FR_BUFFER_SIZE": "2000"}
-    assert resilience.debug_env("nccl", 0) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    assert flight_recorder.debug_env("gloo", 2000) == {"TORCH_FR_BUFFER_SIZE": "2000"}
+    assert flight_recorder.debug_env("nccl", 0) == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 
 # ---------------------------------------------------------------- numerical faults

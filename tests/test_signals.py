@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from alexnet_mp import checkpoint, resilience
+from alexnet_mp import checkpoint, preemption
 from alexnet_mp.trainer import Callback
 from harness import free_port, run_ranks
 from test_train import TINY, script_worker
@@ -37,7 +37,7 @@ class SignalSelf(Callback):
                 os.kill(os.getpid(), sig)  # the handler runs before the next step begins
 
     def on_fit_end(self, trainer, error):
-        self.stopped_at, self.flag = trainer.state.step, resilience.stop_requested()
+        self.stopped_at, self.flag = trainer.state.step, preemption.stop_requested()
 
 
 def signalled_worker(rank, argv, signals_by_rank):
@@ -84,12 +84,12 @@ def test_repeated_stop_signals_change_nothing(told_once, tmp_path):
 
 
 def test_the_stop_flag_is_set_from_the_start_in_a_process_started_after_the_launcher_stopped(monkeypatch):
-    monkeypatch.setenv(resilience.STOP_ENV, "SIGTERM")
-    with resilience.catch_stop_signals():
-        assert resilience.stop_requested() == "SIGTERM"
-    monkeypatch.delenv(resilience.STOP_ENV)
-    with resilience.catch_stop_signals():
-        assert resilience.stop_requested() == ""
+    monkeypatch.setenv(preemption.STOP_ENV, "SIGTERM")
+    with preemption.catch_stop_signals():
+        assert preemption.stop_requested() == "SIGTERM"
+    monkeypatch.delenv(preemption.STOP_ENV)
+    with preemption.catch_stop_signals():
+        assert preemption.stop_requested() == ""
 
 
 # ---------------------------------------------------------------- the launcher
@@ -106,27 +106,27 @@ CHILD = ("import signal, sys, time\n"
 
 
 def test_the_launcher_passes_stop_signals_to_its_children_and_survives_them():
-    with resilience.forward_stop_signals():
+    with preemption.forward_stop_signals():
         # A session of its own, as torchrun starts each training process.
         child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
                                  start_new_session=True)
         try:
             assert child.stdout.readline().strip() == "ready"
-            assert resilience.worker_pids() == [child.pid]
+            assert preemption.worker_pids() == [child.pid]
             os.kill(os.getpid(), signal.SIGTERM)  # this process would end here without the forwarding
             os.kill(os.getpid(), signal.SIGINT)
             out, _ = child.communicate(timeout=60)
-            assert os.environ[resilience.STOP_ENV] == "SIGTERM"  # for training processes started later
+            assert os.environ[preemption.STOP_ENV] == "SIGTERM"  # for training processes started later
         finally:
             child.kill()
     assert out.split() == [str(int(signal.SIGTERM)), str(int(signal.SIGINT))]
-    assert resilience.STOP_ENV not in os.environ
+    assert preemption.STOP_ENV not in os.environ
 
 
 def test_a_stop_signal_before_any_training_process_stops_the_launcher_as_torchrun_would():
     from torch.distributed.elastic.multiprocessing import SignalException
 
-    with resilience.forward_stop_signals():
+    with preemption.forward_stop_signals():
         with pytest.raises(SignalException) as stopped:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises here

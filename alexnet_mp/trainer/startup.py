@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import checkpoint, resilience, rundir
+from .. import checkpoint, flight_recorder, resilience, rundir
 from ..data import DataError, build_data, dataset_fingerprint
 from ..distributed import decided_by_main, on_main_first
 from ..config import ConfigError
@@ -56,7 +56,7 @@ def start(trainer) -> None:
     decided_by_main(layout, lambda: held.append(_open_folder(trainer, plan)), _errors())
     trainer.lock = held[0] if held else None
     trainer.run_path = path
-    resilience.point_flight_recorder(path)
+    flight_recorder.point_flight_recorder(path)
     trainer.attach_data(trainer.data)
     _restore(trainer, source, plan.existing)
 

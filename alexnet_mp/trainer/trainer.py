@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import checkpoint, resilience, rundir
+from .. import checkpoint, preemption, resilience, rundir
 from ..distributed import RunFailed, configure_backends, decided_by_main, sum_over_replicas
 from ..files import StorageError, append_line
 from ..progress import Progress
@@ -107,7 +107,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._backward_guard():
             loss.backward()
-        flags = self.guard.agree(loss, self.model.parameters(), bool(resilience.stop_requested()),
+        flags = self.guard.agree(loss, self.model.parameters(), bool(preemption.stop_requested()),
                                  failed=self.failure is not None)
         self.optimizer.found_inf = self.guard.skip_flag(flags)  # the update is skipped on the device
         self.optimizer.step()
