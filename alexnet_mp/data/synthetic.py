@@ -1,7 +1,9 @@
 """The built-in synthetic set: image i of a split is a pure function of (train.seed, split, i).
 
-A class is a (colour, shape, texture) triple; each image adds a random pose, colour jitter, a
-blotchy background and pixel noise. Splits that fit SYNTH_MEMORY_MAX are rendered once into memory,
+A class is a (colour, shape, texture) triple, drawn as the largest object of the image. Each image
+varies its pose (position, size, any rotation) and colour, and adds clutter: smaller distractor
+shapes of any colour and shape, sometimes a bar across the object, a blotchy striped background and
+pixel noise (`SyntheticRenderer`). Splits that fit SYNTH_MEMORY_MAX are rendered once into memory,
 larger ones on access.
 """
 from __future__ import annotations
@@ -18,9 +20,10 @@ from .sources import Source
 
 SYNTH_VERSION = 3  # bump when the synthetic images change, so fingerprints change with them
 SYNTH_MEMORY_MAX = 1 << 30  # bytes: larger synthetic splits are rendered on access, not kept
+DISTRACTORS = 2  # smaller shapes behind the object of each image
 # The uniform [0, 1) numbers drawn per image, by name and count, in the order they are drawn.
 _DRAWS = (("pose", 4), ("size", 1), ("phase", 2), ("jitter", 5), ("background", 4),
-          ("distractors", 7 * 2), ("occluder", 6))
+          ("distractors", 7 * DISTRACTORS), ("occluder", 6))
 _DRAW_COUNT = sum(width for _, width in _DRAWS)
 
 
@@ -135,14 +138,13 @@ class SyntheticRenderer:
     """Draws image i of a split as a pure function of (seed, split salt, i).
 
     The class is the largest object: its colour, shape and texture. Everything else varies per
-    image: the object's position, size (0.14 to 0.3 of the side) and rotation (any angle); its
-    colour's brightness, tint and washing out; a blotchy background of random level with faint
+    image: the object's position, size (radius 0.17 to 0.3 of the side) and rotation (any angle);
+    its colour's brightness, tint and washing out; a blotchy background of random level with faint
     stripes; DISTRACTORS smaller shapes of any palette colour and shape, behind the object; in
-    half the images a bar of random grey across the object; pixel noise.
+    about a third of the images a bar of random grey across the object; pixel noise.
     """
 
     GRID = 4  # background control points per side
-    DISTRACTORS = int(__import__('os').environ.get('SYN_DIST', 2))  # TEMP
 
     def __init__(self, num_classes: int, side: int, seed: int, salt: int):
         self.side, self.seed, self.salt = side, seed, salt
@@ -173,7 +175,7 @@ class SyntheticRenderer:
         # uint8 rounds to the nearest level and never leaves 0..255 (which saves a clip).
         offset = 0.5 - 10
         img = self._background(grid, p, offset)
-        for d in range(self.DISTRACTORS):
+        for d in range(DISTRACTORS):
             self._distractor(img, p["distractors"][:, 7 * d:7 * d + 7], p["size"], offset)
         inside, shaded = self._object(p, labels)
         fg, dark = (_grey_levels(self._jitter(c[labels], p["jitter"][:, :, 0, 0]), offset)
@@ -205,13 +207,13 @@ class SyntheticRenderer:
         return (cos * dx + sin * dy) / radius, (cos * dy - sin * dx) / radius
 
     def _radius(self, p: dict) -> np.ndarray:
-        return self.side * (float(__import__("os").environ.get("SYN_RLO", 0.14)) + float(__import__("os").environ.get("SYN_RSPAN", 0.16)) * p["size"])  # the object's radius, (n, 1, 1, 1)
+        return self.side * (0.17 + 0.13 * p["size"])  # the object's radius, (n, 1, 1, 1)
 
     def _object(self, p: dict, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(inside the object, inside its texture) per pixel, bool (n, S, S)."""
-        q = p["pose"][:, :, 0]  # (n, 5, 1)
+        q = p["pose"][:, :, 0]  # (n, 4, 1): x, y, turn, half turn
         u, v = self._frame(0.3 + 0.4 * q[:, 0:1], 0.3 + 0.4 * q[:, 1:2], self._radius(p)[:, 0],
-                           0.5 + (q[:, 2:3] - 0.5) * float(__import__('os').environ.get('SYN_ROT', 1)), q[:, 3:4] * float(__import__('os').environ.get('SYN_HALF', 1)))
+                           q[:, 2:3], q[:, 3:4])
         inside = _shape_masks(self.shape_id[labels], u, v)
         shaded = np.zeros(inside.shape, bool)
         textures, phase = self.texture_id[labels], p["phase"][:, :, 0]
@@ -229,10 +231,10 @@ class SyntheticRenderer:
         return lit * (1 - wash) + 0.5 * wash
 
     def _distractor(self, img: np.ndarray, q: np.ndarray, size: np.ndarray, offset: float) -> None:
-        """Paint one smaller shape (0.35-0.6 of the object's radius) of a random palette colour and
-        shape anywhere in the image, in place."""
+        """Paint one smaller shape (0.25-0.45 of the object's radius, the larger the brighter) of a
+        random palette colour and shape anywhere in the image, in place."""
         q = q[:, :, 0]  # (n, 7, 1): x, y, size, turn, half turn, shape, colour
-        radius = self._radius({"size": size})[:, 0] * (float(__import__('os').environ.get('SYN_DLO', 0.35)) + float(__import__('os').environ.get('SYN_DSPAN', 0.25)) * q[:, 2:3])
+        radius = self._radius({"size": size})[:, 0] * (0.25 + 0.2 * q[:, 2:3])
         shapes = np.minimum((q[:, 5, 0] * len(_SHAPES)).astype(np.intp), len(_SHAPES) - 1)
         colours = np.minimum((q[:, 6, 0] * len(_COLOURS)).astype(np.intp), len(_COLOURS) - 1)
         u, v = self._frame(0.1 + 0.8 * q[:, 0:1], 0.1 + 0.8 * q[:, 1:2], radius, q[:, 3:4], q[:, 4:5])
@@ -240,14 +242,14 @@ class SyntheticRenderer:
         np.copyto(img, _grey_levels(self.palette[colours] * (0.7 + 0.45 * q[:, 2]), offset), where=inside[:, None])
 
     def _occlude(self, img: np.ndarray, q: np.ndarray, offset: float) -> np.ndarray:
-        """In half the images, a bar 5-14% of the side wide and of a random grey, through the
+        """In 35% of the images, a bar 5-14% of the side wide and of a random grey, through the
         middle region at any angle."""
         q = q[:, :, 0]  # (n, 6, 1): present, x, y, angle, width, grey
         cos, sin = _rotation(q[:, 3:4], np.zeros_like(q[:, 3:4]))  # a bar turned by 180 degrees is the same bar
         dx = self.coords[None, None, :] - (0.3 + 0.4 * q[:, 1:2]) * self.side
         dy = self.coords[None, :, None] - (0.3 + 0.4 * q[:, 2:3]) * self.side
         bar = np.abs(cos * dy - sin * dx) < self.side * (0.025 + 0.045 * q[:, 4:5])
-        bar &= q[:, 0:1] < float(__import__('os').environ.get('SYN_OCC', 0.5))
+        bar &= q[:, 0:1] < 0.35
         grey = (np.clip(0.1 + 0.8 * q[:, 5, 0], 0.04, 0.96) * 255 + offset)[:, None, None, None]
         return np.where(bar[:, None], grey.astype(np.float32), img)
 
