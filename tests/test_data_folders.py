@@ -166,19 +166,20 @@ def test_images_damaged_after_build_are_replaced_within_their_class_or_refused(t
     b, strict = build_data(cfg), build_data(strict_cfg)  # both verified every file
     victim = tree / "train" / "dog" / "1.png"
     victim.write_bytes(b"damaged later")
-    (batch,) = list(Loaders(b, cfg).train(epoch=0))
+    with Loaders(b, cfg) as loaders:
+        (batch,) = list(loaders.train(epoch=0))
     assert batch.unreadable == (str(victim),)
     assert torch.bincount(batch.labels, minlength=3).tolist() == [4, 4, 4]  # labels never change
     row = [i for i, p in enumerate(b.train.paths) if p.endswith(b"dog/1.png")][0]
     assert b.train.image(row)[1] == (str(victim),)
     assert torch.equal(b.train.image(row)[0], b.train.image(row + 1)[0])  # the next dog, dog/2.png
-    with pytest.raises(DataError, match="data.bad_images=skip") as info:
-        list(Loaders(strict, strict_cfg).train(epoch=0))  # raised in a worker, one line here
+    with pytest.raises(DataError, match="data.bad_images=skip") as info, Loaders(strict, strict_cfg) as loaders:
+        list(loaders.train(epoch=0))  # raised in a worker, one line here
     assert "\n" not in str(info.value) and str(victim) in str(info.value)
     for name in ("0.png", "2.png", "3.png"):
         (tree / "train" / "dog" / name).write_bytes(b"gone too")
-    with pytest.raises(DataError, match="no image of class 1 can be read"):
-        list(Loaders(b, cfg).train(epoch=0))
+    with pytest.raises(DataError, match="no image of class 1 can be read"), Loaders(b, cfg) as loaders:
+        list(loaders.train(epoch=0))
 
 
 # ---------------------------------------------------------------- symbolic links

@@ -368,6 +368,7 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_its_reason(tmp_path,
     assert codes == {0: 1, 1: 1}
     err = capfd.readouterr().err
     for rank in (0, 1):
-        line = next(x for x in err.splitlines() if x.startswith(f"error (rank {rank})"))
-        assert "no space left" in line and name.split(".part")[0] in line, line
+        lines = [x for x in err.splitlines() if f"error (rank {rank})" in x]
+        assert lines, f"no error line from rank {rank} in:\n{err[-4000:]}"
+        assert "no space left" in lines[0] and name.split(".part")[0] in lines[0], lines[0]
     assert "peer process has probably died" not in err

@@ -204,3 +204,27 @@ def test_a_stopped_run_leaves_no_thread_or_process_behind(preempted):
         # A gloo thread alive when the interpreter exits may free a tensor then and abort the process.
         assert f"rank {rank}: process-group threads at exit: []" in proc.stdout
     assert left == []  # training processes, loader workers: all gone when the launcher returns
+
+
+CRASHED_WITH_AN_OPEN_LOADER = """
+import sys
+from alexnet_mp.config import build_config
+from alexnet_mp.data import Loaders, build_data
+cfg = build_config(overrides=["model.num_classes=4", "model.crop_size=67", "data.image_size=80",
+                              "data.resize=80", "data.train_size=64", "data.val_size=8",
+                              "train.batch_size=8", "data.num_workers=2"])
+loaders = Loaders(build_data(cfg), cfg)
+batches = iter(loaders.train(epoch=0))
+next(batches)
+print("workers", len(loaders.worker_pids()), flush=True)
+raise SystemExit("crashed mid-epoch")  # the module keeps the loader and its iteration alive
+"""
+
+
+def test_a_process_that_crashes_mid_epoch_still_exits_though_its_loader_workers_ignore_stop_signals():
+    # multiprocessing's exit handler SIGTERMs daemonic workers (ours ignore it) and then waits for
+    # them: without Loaders' own exit handler this process would never end.
+    proc = subprocess.run([sys.executable, "-c", CRASHED_WITH_AN_OPEN_LOADER], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.strip() == "workers 2", proc.stderr[-2000:]
+    assert proc.returncode == 1 and "crashed mid-epoch" in proc.stderr

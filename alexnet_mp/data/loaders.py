@@ -12,8 +12,11 @@ ends the previous one, which then raises if it is iterated further.
 """
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # its exit handler must be registered before ours (see _LIVE)
 import os
 import signal
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -79,7 +82,7 @@ def _own_process_group(worker_id: int) -> None:
     # must outlive it, whoever sends it: torchrun (the training process's group), Ctrl-C (the
     # terminal's group) or a scheduler that signals every process of the job. In a group of
     # their own and ignoring the stop signals they do; they still end with the loader's
-    # shutdown (a message, then SIGKILL if stuck) and when their parent dies.
+    # shutdown (a message, then SIGKILL if stuck: see Loaders.close) and when their parent dies.
     os.setpgrp()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -117,6 +120,18 @@ class _Run:
             yield batch
 
 
+# Every Loaders still open at interpreter exit is closed then, before multiprocessing's own exit
+# handler (registered earlier, so run later) would SIGTERM its workers, which ignore it, and wait
+# for them forever: a crash whose traceback keeps an iteration alive must still let the process end.
+_LIVE: "weakref.WeakSet[Loaders]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_loaders() -> None:
+    for loaders in list(_LIVE):
+        loaders.close()
+
+
 class Loaders:
     """Training and evaluation batches for one process: replica dp_rank of dp_size, column of columns.
 
@@ -139,6 +154,7 @@ class Loaders:
                           eigvec=np.asarray(stats["eigvec"], np.float64))
         maker = BatchMaker({"train": bundle.train, "val": bundle.val}, augment, column, columns, raw)
         self._plan, self._generation = _Plan(), 0
+        _LIVE.add(self)
         workers = d.num_workers
         self._loader = DataLoader(
             maker, batch_size=None, sampler=self._plan, collate_fn=_as_is, num_workers=workers,
@@ -172,7 +188,13 @@ class Loaders:
         """Stop the workers (a later pass would start new ones)."""
         it, self._loader._iterator = self._loader._iterator, None
         if it is not None and hasattr(it, "_shutdown_workers"):
+            workers = list(it._workers)
             it._shutdown_workers()
+            # torch ends a worker that did not stop with SIGTERM, which ours ignore: kill it.
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+                    w.join()
         self._generation += 1
 
     def __enter__(self) -> "Loaders":
