@@ -5,9 +5,8 @@ The same function as torch.nn.LocalResponseNorm (tests/test_lrn.py),
     b_c = a_c / D_c^beta,   D_c = k + alpha / n * sum of a_j^2 over the n channels j around c,
 
 but computed in a few passes over memory instead of torch's pad + avg_pool3d +
-pow + div chain and its autograd graph: on a 2-core CPU it took a third of the
-reference's training step, and this is about 2.5x faster forward and backward
-(README, "Benchmarks"). Gradient, with T_c = g_c * b_c / D_c:
+pow + div chain and its autograd graph, which on a CPU cost a large share of the
+training step. Gradient, with T_c = g_c * b_c / D_c:
 
     dL/da_j = g_j / D_j^beta - 2 * alpha * beta / n * a_j * sum of T_c over the c whose window holds j.
 """

@@ -302,3 +302,25 @@ def test_single_device_measurement_for_other_modules_runs_the_training_step():
                            overrides=[*SMALL_MODEL, "model.num_classes=5"], mm=64, mm_s=0.01, timeout=300)
     assert out["images_per_s"] > 0 and out["batch"] == 4 and out["timed_steps"] == 2
     assert out["flops_per_image"] > 0 and out["matmul_tflops"] > 0 and out["share_of_matmul_peak"] > 0
+
+
+# ---------------------------------------------------------------- the data checks on a big folder
+
+def test_the_folder_check_counts_every_file_it_made_and_times_each_mode(tmp_path, capsys):
+    from alexnet_mp.bench import folder_check
+
+    out = tmp_path / "result.json"
+    assert folder_check.main(["--files", "250", "--classes", "7", "--sample", "20", "--repeats", "2",
+                              "--dir", str(tmp_path), "--out", str(out), "--machine", "here"]) == 0
+    result = json.loads(out.read_text())
+    assert result["files"] == 250 + 7 and result["machine"] == "here" and result["check_sample_files"] == 20
+    assert all(result[k] > 0 for k in ("listing_with_stat_s", "check_sample_s", "check_full_s"))
+    assert "257 files" in out.with_suffix(".md").read_text() and "257 files" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "result.md"]  # the folder is gone
+
+
+def test_the_folder_check_refuses_sizes_below_one(capsys):
+    from alexnet_mp.bench import folder_check
+
+    assert folder_check.main(["--files", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err

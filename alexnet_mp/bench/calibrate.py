@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -20,19 +21,23 @@ from ..profiler import machine_info
 CALIBRATION_N = 384  # side of the calibration's matrices: small enough to stay in cache
 
 
-def calibration_rate(seconds: float) -> float:
-    """FLOP/s of a fixed one-thread fp32 matrix multiply, over about `seconds`."""
+def calibration_rate(seconds: float, bursts: int = 9) -> float:
+    """FLOP/s of a fixed one-thread fp32 matrix multiply: the median of `bursts` bursts over about
+    `seconds`, so that a momentary dip (a virtual machine's neighbours) does not pass for drift."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         g = torch.Generator().manual_seed(0)
         a, b = (torch.randn(CALIBRATION_N, CALIBRATION_N, generator=g) for _ in range(2))
         torch.mm(a, b)
-        count, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds or count == 0:
-            torch.mm(a, b)
-            count += 1
-        return 2 * CALIBRATION_N ** 3 * count / elapsed
+        rates = []
+        for _ in range(bursts):
+            count, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < seconds / bursts or count == 0:
+                torch.mm(a, b)
+                count += 1
+            rates.append(2 * CALIBRATION_N ** 3 * count / elapsed)
+        return statistics.median(rates)
     finally:
         torch.set_num_threads(threads)
 

@@ -27,7 +27,7 @@ class Preset:
     # the loader section: images, rounds, crop, batch, prepare's processes (0: every core); loader.measure_loader
     loader: dict = field(default_factory=dict)
     profiled_batches: int = 1  # the profiler-overhead mode runs at this many of the smallest batches
-    calibration_s: float = 2.0  # seconds of the calibration rate, before and after
+    calibration_s: float = 5.0  # seconds of the calibration rate (median of bursts), before and after
 
 
 QUICK = Preset(
