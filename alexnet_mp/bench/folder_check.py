@@ -101,10 +101,11 @@ def main(argv=None) -> int:
     if min(args.files, args.classes, args.sample, args.repeats) < 1:
         print("error: --files, --classes, --sample and --repeats must be at least 1", file=sys.stderr)
         return 2
-    progress = Progress()
+    progress = Progress(every=max(1, args.files // 10))  # ten lines when stderr is not a terminal
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         root = Path(work) / "folder"
         make_folder(root, args.files, args.classes, progress)
+        print(f"timing the listing and the data checks, best of {args.repeats}", file=sys.stderr)
         result = time_checks(root, args.classes, args.sample, args.repeats)
     result.update(machine=args.machine, date=time.strftime("%Y-%m-%d"),
                   python=f"Python {platform.python_version()} on {platform.system()} {platform.release()}")
