@@ -13,7 +13,7 @@ ends the previous one, which then raises if it is iterated further.
 from __future__ import annotations
 
 import atexit
-import multiprocessing.util  # its exit handler must be registered before ours (see _LIVE)
+import multiprocessing.util  # noqa: F401  (its exit handler must be registered before ours: see _LIVE)
 import os
 import signal
 import weakref
