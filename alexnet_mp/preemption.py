@@ -22,6 +22,17 @@ STOP_ENV = "ALEXNET_MP_STOP"  # set by the launcher once it was told to stop; pr
 _stop_signal = ""  # name of the first stop signal received, '' while none
 
 
+@contextmanager
+def _handling(signals, handler):
+    """`handler` for `signals` inside the block; the previous handlers restored after it."""
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def stop_requested() -> str:
     """The name of the stop signal this process received ('' if none)."""
     return _stop_signal
@@ -42,12 +53,8 @@ def catch_stop_signals(signals=STOP_SIGNALS):
     """
     global _stop_signal
     _stop_signal = os.environ.get(STOP_ENV, "")
-    previous = {s: signal.signal(s, _on_stop_signal) for s in signals}
-    try:
+    with _handling(signals, _on_stop_signal):
         yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # ---------------------------------------------------------------- the launcher
@@ -97,12 +104,10 @@ def forward_stop_signals(signals=STOP_SIGNALS):
     handlers and the environment are restored on exit."""
     global _launcher_stop
     _launcher_stop, before = "", os.environ.get(STOP_ENV)
-    previous = {s: signal.signal(s, _forward_stop) for s in signals}
     try:
-        yield
+        with _handling(signals, _forward_stop):
+            yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if before is None:
             os.environ.pop(STOP_ENV, None)
         else:

@@ -95,13 +95,13 @@ class LoadMeter:
 
     def __init__(self, pids: list[int]):
         self.pids = [os.getpid(), *pids]
-        self.start = (time.perf_counter(), _busy_seconds(), self._ours())
+        self.origin = (time.perf_counter(), _busy_seconds(), self._ours())
 
     def _ours(self) -> float:
         return sum(_process_seconds(p) for p in self.pids)
 
     def foreign_cores(self) -> float | None:
-        t0, busy0, ours0 = self.start
+        t0, busy0, ours0 = self.origin
         busy = _busy_seconds()
         if busy is None or busy0 is None:
             return None

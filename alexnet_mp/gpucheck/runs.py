@@ -31,15 +31,15 @@ class FinalState(Callback):
     step count and its final weights as CPU copies."""
 
     def __init__(self):
-        self.start = self.end = self.weights = None
+        self.layout_at_start = self.layout_at_end = self.weights = None
         self.steps = 0
 
     def on_fit_start(self, trainer):
-        self.start = buffer_layout(trainer.optimizer)
+        self.layout_at_start = buffer_layout(trainer.optimizer)
 
     def on_fit_end(self, trainer, error):
         if error is None:
-            self.end, self.steps = buffer_layout(trainer.optimizer), trainer.state.step
+            self.layout_at_end, self.steps = buffer_layout(trainer.optimizer), trainer.state.step
             self.weights = cpu_state(trainer.model)
 
 
@@ -67,6 +67,6 @@ def runs_worker(rank: int, base: list, runs: list, out_dir: str) -> dict:
         with profiling(cfg, layout) as prof:
             Trainer(cfg, layout, callbacks=[prof, probe]).fit()
         profile = Path(out_dir) / run["name"] / PROFILE_FILE
-        out[run["name"]] = {"weights": probe.weights, "start": probe.start, "end": probe.end, "steps": probe.steps,
+        out[run["name"]] = {"weights": probe.weights, "start": probe.layout_at_start, "end": probe.layout_at_end, "steps": probe.steps,
                             "profile": json.loads(profile.read_text()) if rank == 0 and profile.is_file() else None}
     return out
